@@ -1,0 +1,19 @@
+"""tensordiff: differential numeric debugging for PyTorch.
+
+    import tensordiff
+    tensordiff.capture(model, inputs, "ref.h5", level="both")
+    trace = tensordiff.open_trace("ref.h5"); trace.index.head()
+"""
+__version__ = "0.1.0"
+
+
+def capture(*args, **kwargs):
+    from tensordiff.tracing import capture as _capture
+
+    return _capture(*args, **kwargs)
+
+
+def open_trace(path):
+    from tensordiff.trace import open_trace as _open
+
+    return _open(path)

@@ -1,0 +1,3 @@
+from tensordiff.cli import main
+
+main()

@@ -1,0 +1,96 @@
+"""Backend names -> Backend objects (built-ins, ``file.py:NAME`` plugins, entry points)."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+
+from tensordiff.errors import TensordiffError
+
+_DTYPES = {"": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _cast_floats(obj, device, dtype):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device=device, dtype=dtype if obj.is_floating_point() else obj.dtype)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_cast_floats(x, device, dtype) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _cast_floats(v, device, dtype) for k, v in obj.items()}
+    return obj
+
+
+@dataclass
+class Backend:
+    """Prepares a deep copy of the reference model to run somewhere; moves inputs there."""
+    name: str
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    plugin: object = None          # callable(model) -> nn.Module, for plugin / entry-point backends
+    info: dict = field(default_factory=dict)
+
+    def __call__(self, model: torch.nn.Module) -> torch.nn.Module:
+        model = copy.deepcopy(model)
+        if self.plugin is not None:
+            try:
+                result = self.plugin(model)
+            except TensordiffError:
+                raise
+            except Exception as exc:
+                raise TensordiffError(f"backend {self.name!r} raised {type(exc).__name__}: {exc}") from None
+            if not isinstance(result, torch.nn.Module):
+                raise TensordiffError(f"backend {self.name!r} returned {type(result).__name__}, "
+                                      "expected an nn.Module")
+            return result.eval()
+        return model.to(device=self.device, dtype=self.dtype).eval()
+
+    def inputs(self, inputs):
+        from tensordiff.models import Inputs
+
+        return Inputs(*_cast_floats((inputs.args, inputs.kwargs), self.device, self.dtype))
+
+    def describe(self) -> dict:
+        return {"name": self.name, "device": self.device, "dtype": str(self.dtype).replace("torch.", ""),
+                **self.info}
+
+
+def _builtin(name: str) -> Backend | None:
+    device, _, suffix = name.partition("-")
+    if device not in ("cpu", "cuda") or suffix not in _DTYPES:
+        return None
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TensordiffError(f"backend {name!r} needs CUDA, and torch sees no CUDA device here")
+    return Backend(name, device, _DTYPES[suffix])
+
+
+def _entry_points() -> dict:
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group="tensordiff.backends")}
+
+
+def get_backend(name: str) -> Backend:
+    builtin = _builtin(name)
+    if builtin is not None:
+        return builtin
+    if ":" in name and name.rsplit(":", 1)[0].endswith(".py"):
+        from tensordiff.models import _from_file
+
+        return Backend(name, plugin=_from_file(name), info={"plugin": name})
+    eps = _entry_points()
+    if name in eps:
+        try:
+            obj = eps[name].load()
+        except Exception as exc:
+            raise TensordiffError(f"backend {name!r}: cannot load entry point {eps[name].value}: {exc}") from None
+        if isinstance(obj, Backend):
+            return obj
+        return Backend(name, plugin=obj, info={"entry_point": eps[name].value})
+    raise TensordiffError(f"unknown backend {name!r}; choose one of {', '.join(list_backends())}, "
+                          "or path/to/file.py:NAME")
+
+
+def list_backends() -> list[str]:
+    names = [f"{d}{'-' + s if s else ''}" for d in ("cpu", "cuda") for s in _DTYPES]
+    return names + sorted(_entry_points())

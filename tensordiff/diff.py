@@ -1,0 +1,175 @@
+"""Compare a reference trace with a target trace: metrics per matched record, then localization.
+
+    result = diff("runs/x/reference.h5", "runs/x/target.h5")
+    result.verdict, result.first_divergence, result.culprit, result.table.head()
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from tensordiff.align import align
+from tensordiff.errors import TensordiffError
+from tensordiff.metrics import Tolerance, beyond, compare, tolerance_for, unravel
+from tensordiff.trace import TraceReader, open_trace
+
+VERDICTS = ("match", "diverged", "nan", "crashed", "incomplete")
+
+
+@dataclass
+class DiffResult:
+    verdict: str
+    reference: str
+    target: str
+    table: pd.DataFrame
+    first_divergence: dict | None = None
+    culprit: dict | None = None
+    first_nan: dict | None = None
+    tolerances: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)
+    unmatched: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+    crash: dict | None = None
+    timing: dict = field(default_factory=dict)
+    modules: pd.DataFrame = field(default_factory=pd.DataFrame)  # the amplification table
+
+    def to_markdown(self) -> str:
+        from tensordiff.render.markdown import render_markdown
+
+        return render_markdown(self)
+
+    def to_html(self) -> str:
+        from tensordiff.render.html import render_html
+
+        return render_html(self)
+
+    def to_summary(self) -> dict:
+        from tensordiff.render.summary import summary_dict
+
+        return summary_dict(self)
+
+
+@dataclass(frozen=True)
+class TolerancePolicy:
+    """Default tolerance from the target dtype; optional global override and per-pattern overrides
+    (fnmatch patterns on the record key, first match wins)."""
+    default: Tolerance | None = None
+    per_pattern: tuple = ()   # ((pattern, Tolerance), ...)
+
+    def for_record(self, key: str, tgt_dtype: str) -> Tolerance:
+        for pattern, tol in self.per_pattern:
+            if fnmatch.fnmatchcase(key, pattern):
+                return tol
+        return self.default or tolerance_for(tgt_dtype)
+
+
+def _metrics_from_stats(r: dict, t: dict) -> dict:
+    """Lower bounds when only stats were saved: |l2_t - l2_r| <= ||t - r||."""
+    l2r, l2t = r["l2"], t["l2"]
+    rel = abs(l2t - l2r) / l2r if l2r else (0.0 if l2t == 0 else math.inf)
+    nan_mis = int(max(t["nan"] - r["nan"], 0) + max(t["inf"] - r["inf"], 0))
+    return {"status": "ok", "max_abs": max(abs(t["max"] - r["max"]), abs(t["min"] - r["min"])),
+            "mean_abs": abs(t["mean"] - r["mean"]), "rel_l2": rel, "cosine": float("nan"),
+            "max_rel": float("nan"), "frac_outside": float("nan"), "nan_ref": int(r["nan"]),
+            "nan_tgt": int(t["nan"]), "inf_ref": int(r["inf"]), "inf_tgt": int(t["inf"]),
+            "nonfinite_mismatch": nan_mis, "worst_flat": -1, "from_stats": True}
+
+
+def _row_metrics(ref: TraceReader, tgt: TraceReader, rrow: dict, trow: dict, tol: Tolerance) -> dict:
+    if list(rrow["shape"]) != list(trow["shape"]):
+        return {"status": "shape_mismatch"}
+    if rrow["has_data"] and trow["has_data"]:
+        m = compare(ref.tensor(rrow["key"]), tgt.tensor(trow["key"]), tol)
+        m["from_stats"] = False
+        return m
+    return _metrics_from_stats(rrow, trow)
+
+
+def compare_traces(ref: TraceReader, tgt: TraceReader, policy: TolerancePolicy) -> tuple[pd.DataFrame, object]:
+    alignment = align(ref.index, tgt.index)
+    rindex = ref.index.to_dict("index")
+    tindex = tgt.index.to_dict("index")
+    rows = []
+    for rkey, tkey in alignment.pairs:
+        rrow, trow = rindex[rkey], tindex[tkey]
+        tol = policy.for_record(tkey, trow["dtype"])
+        m = _row_metrics(ref, tgt, rrow, trow, tol)
+        rows.append({
+            "key": tkey, "ref_key": rkey, "seq": trow["seq"], "kind": trow["kind"],
+            "direction": trow["direction"], "module": trow["module"], "scope": trow["scope"],
+            "op": trow["op"], "slot": trow["slot"], "source": trow["source"], "shape": trow["shape"],
+            "ref_dtype": rrow["dtype"], "tgt_dtype": trow["dtype"],
+            "ref_stride": rrow["stride"], "tgt_stride": trow["stride"], "tgt_contiguous": trow["contiguous"],
+            "ref_mean": rrow["mean"], "tgt_mean": trow["mean"], "ref_std": rrow["std"], "tgt_std": trow["std"],
+            "ref_max": rrow["max"], "tgt_max": trow["max"],
+            **{k: v for k, v in m.items()},
+            "worst_index": unravel(m.get("worst_flat", -1), trow["shape"]),
+            "atol": tol.atol, "rtol": tol.rtol, "tol_rel_l2": tol.rel_l2,
+            "beyond": beyond(m, tol),
+        })
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        table = table.sort_values("seq").reset_index(drop=True)
+    return table, alignment
+
+
+def _record_summary(row: dict) -> dict:
+    return {"key": row["key"], "module": row["module"], "op": row["op"] or None, "slot": row["slot"],
+            "max_abs": row.get("max_abs"), "rel_l2": row.get("rel_l2"), "index": row.get("worst_index"),
+            "source": row.get("source") or None}
+
+
+def first_beyond(table: pd.DataFrame) -> dict | None:
+    """Earliest record in target execution order beyond tolerance (forward records first)."""
+    if table.empty:
+        return None
+    for direction in ("forward", "backward"):
+        hits = table[(table["direction"] == direction) & table["beyond"]]
+        if len(hits):
+            return _record_summary(hits.iloc[0].to_dict())
+    return None
+
+
+def first_nan(table: pd.DataFrame) -> dict | None:
+    if table.empty:
+        return None
+    hits = table[(table["nonfinite_mismatch"].fillna(0) > 0)]
+    return _record_summary(hits.iloc[0].to_dict()) if len(hits) else None
+
+
+def diff(reference, target, atol: float | None = None, rtol: float | None = None, rel_l2: float | None = None,
+         per_pattern: tuple = (), crash: dict | None = None, timing: dict | None = None) -> DiffResult:
+    """Diff two trace files (paths or open readers)."""
+    ref = reference if isinstance(reference, TraceReader) else open_trace(reference)
+    tgt = target if isinstance(target, TraceReader) else open_trace(target)
+    default = None
+    if atol is not None or rtol is not None or rel_l2 is not None:
+        base = tolerance_for("float32")
+        default = Tolerance(atol if atol is not None else base.atol, rtol if rtol is not None else base.rtol,
+                            rel_l2 if rel_l2 is not None else base.rel_l2)
+    policy = TolerancePolicy(default, tuple(per_pattern))
+    table, alignment = compare_traces(ref, tgt, policy)
+    from tensordiff.localize import localize
+
+    result = DiffResult(verdict="match", reference=str(ref.path), target=str(tgt.path), table=table,
+                        meta={"reference": ref.meta, "target": tgt.meta,
+                              "reference_complete": ref.complete, "target_complete": tgt.complete},
+                        crash=crash, timing=timing or {})
+    result.unmatched = {"reference_only": alignment.ref_only, "target_only": alignment.tgt_only,
+                        "ops": alignment.unmatched_ops}
+    tgt_dtypes = sorted(set(table["tgt_dtype"])) if not table.empty else []
+    result.tolerances = {"default": vars(default) if default else
+                         {d: vars(tolerance_for(d)) for d in tgt_dtypes},
+                         "per_pattern": {p: vars(t) for p, t in per_pattern}}
+    result.counts = {"reference_records": len(ref.index), "target_records": len(tgt.index),
+                     "matched": len(table), "beyond_tolerance": int(table["beyond"].sum()) if len(table) else 0,
+                     "reference_only": len(alignment.ref_only), "target_only": len(alignment.tgt_only)}
+    if len(table) == 0 and (len(ref.index) or len(tgt.index)) and crash is None:
+        raise TensordiffError(f"no record of {tgt.path} matches a record of {ref.path}: "
+                              "were they captured from the same model?")
+    localize(result, ref, tgt)
+    return result

@@ -1,0 +1,168 @@
+"""``--model`` names -> an nn.Module plus the exact inputs to run it on.
+
+    qwen, qwen-moe         randomly initialised Qwen3 / Qwen3-MoE from a config, fixed seed
+    ./local/dir, org/name  a checkpoint on disk or in the local HF cache (local files only)
+    path/to/file.py:NAME   a user function returning an nn.Module, or (module, inputs)
+
+    bundle = load_model("qwen", size="tiny", batch=1, seq_len=128, seed=0)
+    bundle.model, bundle.inputs.kwargs["input_ids"].shape
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tensordiff.errors import TensordiffError
+
+# Shapes per --size. "0.5b" is Qwen3-0.6B's shape (hidden 1024, 28 layers, GQA 16/8, head_dim 128).
+QWEN_SIZES = {
+    "tiny": dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=64),
+    "small": dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=4, head_dim=64),
+    "0.5b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                 num_attention_heads=16, num_key_value_heads=8, head_dim=128),
+}
+QWEN_MOE_SIZES = {
+    "tiny": dict(vocab_size=1024, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+    "small": dict(vocab_size=8192, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
+                  num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=64),
+    "0.5b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, moe_intermediate_size=384,
+                 num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=8, head_dim=128),
+}
+SIZES = tuple(QWEN_SIZES)
+
+
+@dataclass
+class Inputs:
+    """Positional and keyword arguments of one forward call."""
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+    def clone(self) -> "Inputs":
+        return Inputs(*copy.deepcopy((self.args, self.kwargs)))
+
+    def describe(self) -> dict:
+        from tensordiff.probes.session import flatten_tensors
+
+        return {slot: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+                for slot, t in flatten_tensors((self.args, self.kwargs), "inputs")}
+
+
+@dataclass
+class ModelBundle:
+    model: torch.nn.Module
+    inputs: Inputs
+    name: str
+    info: dict = field(default_factory=dict)
+
+
+def _token_inputs(vocab: int, batch: int, seq_len: int, seed: int, attention_mask: bool) -> Inputs:
+    gen = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=gen)
+    kwargs = {"input_ids": ids}
+    if attention_mask:
+        # Left padding on all but the first row (and 1/8 of row 0 when batch is 1) so the mask matters.
+        mask = torch.ones(batch, seq_len, dtype=torch.long)
+        pad = max(1, seq_len // 8)
+        for row in range(batch):
+            mask[row, : pad * (1 + row % 2)] = 0
+        kwargs["attention_mask"] = mask
+    return Inputs((), kwargs)
+
+
+def _qwen(moe: bool, size: str, seed: int, attn: str) -> torch.nn.Module:
+    import transformers
+
+    table = QWEN_MOE_SIZES if moe else QWEN_SIZES
+    if size not in table:
+        raise TensordiffError(f"unknown --size {size!r}; choose one of {', '.join(table)}")
+    dims = dict(table[size], max_position_embeddings=4096, tie_word_embeddings=False)
+    if moe:
+        dims.update(num_experts=64, num_experts_per_tok=6, norm_topk_prob=True, decoder_sparse_step=1)
+        config = transformers.Qwen3MoeConfig(**dims)
+        cls = transformers.Qwen3MoeForCausalLM
+    else:
+        config = transformers.Qwen3Config(**dims)
+        cls = transformers.Qwen3ForCausalLM
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    return cls(config).eval()
+
+
+def _from_file(spec: str):
+    path_s, _, fn_name = spec.rpartition(":")
+    path = Path(path_s)
+    if not path.is_file():
+        raise TensordiffError(f"model file not found: {path}")
+    mod_spec = importlib.util.spec_from_file_location(f"tensordiff_user_{path.stem}", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    try:
+        mod_spec.loader.exec_module(module)
+    except Exception as exc:
+        raise TensordiffError(f"cannot import {path}: {type(exc).__name__}: {exc}") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise TensordiffError(f"{path} has no function {fn_name!r}")
+    return fn
+
+
+def _user_model(spec: str, seed: int) -> ModelBundle:
+    fn = _from_file(spec)
+    torch.manual_seed(seed)
+    try:
+        result = fn()
+    except Exception as exc:
+        raise TensordiffError(f"{spec}: the model function raised {type(exc).__name__}: {exc}") from None
+    model, inputs = (result if isinstance(result, tuple) and len(result) == 2 else (result, None))
+    if not isinstance(model, torch.nn.Module):
+        raise TensordiffError(f"{spec} returned {type(model).__name__}, expected an nn.Module "
+                              "(or a (module, inputs) pair)")
+    if inputs is None:
+        raise TensordiffError(f"{spec} returned no inputs: return (module, inputs) for a custom model")
+    if isinstance(inputs, torch.Tensor):
+        inputs = Inputs((inputs,), {})
+    elif isinstance(inputs, dict):
+        inputs = Inputs((), inputs)
+    elif isinstance(inputs, (tuple, list)):
+        inputs = Inputs(tuple(inputs), {})
+    return ModelBundle(model.eval(), inputs, spec)
+
+
+def _pretrained(spec: str, seed: int, attn: str):
+    import transformers
+
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            spec, local_files_only=True, dtype=torch.float32, attn_implementation=attn)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TensordiffError(f"cannot load model {spec!r} from a local directory or the local HF cache "
+                              f"(no downloads are made): {first}") from None
+    return model.eval()
+
+
+def load_model(spec: str = "qwen", size: str = "tiny", batch: int = 1, seq_len: int = 128,
+               seed: int = 0, attention_mask: bool = False, attn: str = "sdpa") -> ModelBundle:
+    if batch < 1 or seq_len < 1:
+        raise TensordiffError(f"--batch and --seq-len must be positive (got {batch} x {seq_len})")
+    if spec in ("qwen", "qwen-moe"):
+        model = _qwen(spec == "qwen-moe", size, seed, attn)
+        inputs = _token_inputs(model.config.vocab_size, batch, seq_len, seed, attention_mask)
+        return ModelBundle(model, inputs, spec, {"size": size, "config": model.config.to_diff_dict()})
+    if ":" in spec and spec.rsplit(":", 1)[0].endswith(".py"):
+        return _user_model(spec, seed)
+    model = _pretrained(spec, seed, attn)
+    vocab = model.config.vocab_size
+    return ModelBundle(model, _token_inputs(vocab, batch, seq_len, seed, attention_mask), spec,
+                       {"config": model.config.to_diff_dict()})
+
+
+def accepts_kwarg(model: torch.nn.Module, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters

@@ -1,0 +1,96 @@
+"""What the probes share while a model runs: record naming, the module scope stack, the sink.
+
+Record keys are stable between backends so the diff engine can pair them:
+
+    model.layers.0.mlp/forward#0/output.0            module record: module path, call, slot
+    model.layers.0.input_layernorm/forward#0/op0003.mul.Tensor/out.0    op record in that module scope
+    __backward__/backward#0/op0012.mm/in.1          op run by autograd (no module scope)
+
+The root module is called ``__root__`` (``named_modules()`` gives it the empty name).
+"""
+from __future__ import annotations
+
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from tensordiff.probes.snapshot import snapshot
+
+ROOT = "__root__"
+_SKIP_DIRS = (str(Path(torch.__file__).parent), str(Path(__file__).resolve().parent.parent))
+
+
+def user_source_line(max_depth: int = 64) -> str:
+    """'file.py:LINE in func' of the innermost frame outside torch and tensordiff."""
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        if frame is None:
+            break
+        fname = frame.f_code.co_filename
+        if not fname.startswith(_SKIP_DIRS) and not fname.startswith("<"):
+            return f"{fname}:{frame.f_lineno} in {frame.f_code.co_name}"
+        frame = frame.f_back
+    return ""
+
+
+def flatten_tensors(obj, prefix: str, depth: int = 0):
+    """(slot, tensor) pairs of every tensor inside tuples, lists and dicts (ModelOutput included)."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif depth > 4:
+        return
+    elif isinstance(obj, (tuple, list)):
+        for i, item in enumerate(obj):
+            yield from flatten_tensors(item, f"{prefix}.{i}", depth + 1)
+    elif isinstance(obj, dict) or hasattr(obj, "items") and hasattr(obj, "keys") and not isinstance(obj, type):
+        try:
+            items = list(obj.items())
+        except Exception:  # an exotic mapping-like object (a cache): nothing to capture
+            return
+        for k, item in items:
+            yield from flatten_tensors(item, f"{prefix}.{k}", depth + 1)
+
+
+class CaptureSession:
+    """Names records, keeps the module scope stack and sends snapshots to the trace writer."""
+
+    def __init__(self, writer, save_data: bool = True, module_filter: str | None = None):
+        self.writer = writer
+        self.save_data = save_data
+        self._filter = re.compile(module_filter) if module_filter else None
+        self.calls = defaultdict(int)          # (module, direction) -> calls so far
+        self.op_counts = defaultdict(int)      # scope -> ops so far
+        self.scopes: list[tuple[str, str]] = []  # (module, scope) innermost last
+        self.direction = "forward"
+        self.busy = False                      # True while we compute our own stats: not user ops
+        self.records = 0
+        self.last_record: dict | None = None
+
+    def wants_module(self, name: str) -> bool:
+        return self._filter is None or bool(self._filter.search(name))
+
+    def next_call(self, module: str, direction: str) -> int:
+        call = self.calls[(module, direction)]
+        self.calls[(module, direction)] = call + 1
+        return call
+
+    def current_scope(self) -> tuple[str, str]:
+        if self.scopes:
+            return self.scopes[-1]
+        if self.direction == "backward":
+            return "__backward__", "__backward__/backward#0"
+        return ROOT, f"{ROOT}/{self.direction}#0"
+
+    def emit(self, record: dict, tensor: torch.Tensor, save_data: bool | None = None) -> None:
+        save = self.save_data if save_data is None else save_data
+        self.busy = True
+        try:
+            snap = snapshot(tensor, save_data=save)
+        finally:
+            self.busy = False
+        self.writer.write(record, snap)
+        self.records += 1
+        self.last_record = record

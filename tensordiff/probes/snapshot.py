@@ -1,0 +1,167 @@
+"""Turn one live tensor into what a trace keeps: its layout, its stats and (optionally) its data.
+
+Stats are computed where the tensor lives (no host sync per tensor). Data is read back from the
+storage bytes and the view rebuilt on the host, so a device whose strided copy is broken cannot
+corrupt the evidence. Everything is copied at capture time: a later in-place op must not rewrite it.
+
+    snap = snapshot(hidden, save_data=True)
+    snap.layout["stride"], snap.stats_numpy(), snap.data.materialize()
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+STAT_NAMES = ("min", "max", "mean", "mean_abs", "std", "l2", "nan", "inf", "zero")
+
+
+def tensor_layout(t: torch.Tensor) -> dict:
+    return {
+        "shape": list(t.shape),
+        "dtype": str(t.dtype).replace("torch.", ""),
+        "device": str(t.device),
+        "stride": list(t.stride()) if t.layout == torch.strided else [],
+        "storage_offset": int(t.storage_offset()) if t.layout == torch.strided else 0,
+        "contiguous": bool(t.is_contiguous()) if t.layout == torch.strided else True,
+    }
+
+
+def _stats_on(x: torch.Tensor) -> torch.Tensor:
+    """The STAT_NAMES vector in float64 on x's device; moments over the finite elements only."""
+    if x.is_complex():
+        x = x.abs()
+    if x.dtype == torch.bool or not x.is_floating_point():
+        x = x.to(torch.float64)
+    x = x.reshape(-1)
+    if x.numel() == 0:
+        return torch.full((len(STAT_NAMES),), float("nan"), dtype=torch.float64, device=x.device).index_fill_(
+            0, torch.tensor([6, 7, 8], device=x.device), 0.0)
+    if x.device.type == "cpu":
+        fast = _finite_stats_cpu(x)
+        if fast is not None:
+            return fast
+    finite = torch.isfinite(x)
+    nan = torch.isnan(x).sum()
+    n_finite = finite.sum()
+    inf = x.numel() - n_finite - nan
+    xf = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device)).to(torch.float64)
+    count = n_finite.clamp(min=1).to(torch.float64)
+    total = xf.sum()
+    mean = total / count
+    sq = (xf * xf).sum()
+    var = (sq / count - mean * mean).clamp(min=0.0)
+    big = torch.tensor(float("inf"), dtype=torch.float64, device=x.device)
+    xmin = torch.where(finite, xf, big).min()
+    xmax = torch.where(finite, xf, -big).max()
+    stats = torch.stack([
+        xmin, xmax, mean, xf.abs().sum() / count, var.sqrt(), sq.sqrt(),
+        nan.to(torch.float64), inf.to(torch.float64), (x == 0).sum().to(torch.float64),
+    ])
+    # No finite element: min/max/moments are undefined, say so instead of +-inf.
+    return torch.where(n_finite > 0, stats, torch.cat([torch.full((6,), float("nan"), dtype=torch.float64,
+                                                                  device=x.device), stats[6:]]))
+
+
+def _finite_stats_cpu(x: torch.Tensor) -> torch.Tensor | None:
+    """Fewer, fused reductions for the common all-finite case (a host sync is free on the CPU)."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    xmin, xmax = torch.aminmax(x)
+    if not (torch.isfinite(xmin) and torch.isfinite(xmax)):
+        return None
+    n = x.numel()
+    total = x.sum(dtype=torch.float64)
+    l2 = torch.linalg.vector_norm(x, dtype=torch.float64)
+    mean = total / n
+    var = (l2 * l2 / n - mean * mean).clamp(min=0.0)
+    return torch.stack([xmin.double(), xmax.double(), mean, x.abs().sum(dtype=torch.float64) / n, var.sqrt(), l2,
+                        torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64),
+                        (n - torch.count_nonzero(x)).double()])
+
+
+@dataclass
+class PendingTensor:
+    """Bytes on their way to the host; `materialize` rebuilds the logical (contiguous) array."""
+    raw: torch.Tensor  # uint8 bytes on the host (maybe still being filled by an async copy)
+    dtype: torch.dtype
+    shape: tuple
+    stride: tuple
+    event: object = None  # CUDA event to wait on before the bytes are valid
+
+    def materialize(self) -> torch.Tensor:
+        if self.event is not None:
+            self.event.synchronize()
+        if not self.shape or self.raw.numel() == 0:
+            flat = self.raw.view(self.dtype) if self.raw.numel() else torch.empty(0, dtype=self.dtype)
+            return flat.reshape(self.shape) if flat.numel() == int(np.prod(self.shape)) else flat
+        flat = self.raw.view(self.dtype)
+        return flat.as_strided(self.shape, self.stride, 0).contiguous()
+
+
+def read_back(t: torch.Tensor, device_copy_ok: bool = False) -> PendingTensor:
+    """Copy t's data to the host. CPU tensors are cloned; device tensors travel as raw storage bytes
+    (one contiguous 1-D copy, the most basic thing a device must do right) and are rebuilt here."""
+    t = t.detach()
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    shape, stride = tuple(t.shape), tuple(t.stride())
+    if t.device.type == "cpu":
+        dense = t.contiguous() if not t.is_contiguous() else t.clone()
+        if dense.data_ptr() == t.data_ptr():  # contiguous() returned t itself: make it a copy
+            dense = dense.clone()
+        raw = dense.reshape(-1).view(torch.uint8) if dense.numel() else torch.empty(0, dtype=torch.uint8)
+        return PendingTensor(raw, t.dtype, shape, tuple(dense.stride()))
+    itemsize = t.element_size()
+    if t.numel() == 0:
+        return PendingTensor(torch.empty(0, dtype=torch.uint8), t.dtype, shape, stride)
+    span = 1 + sum((s - 1) * abs(st) for s, st in zip(shape, stride) if s > 0)
+    dev_bytes = torch.empty(0, dtype=torch.uint8, device=t.device).set_(
+        t.untyped_storage(), t.storage_offset() * itemsize, (span * itemsize,), (1,))
+    is_cuda = t.device.type == "cuda"
+    host = torch.empty(span * itemsize, dtype=torch.uint8, pin_memory=is_cuda)
+    host.copy_(dev_bytes, non_blocking=is_cuda)
+    event = None
+    if is_cuda:
+        event = torch.cuda.Event()
+        event.record()
+    return PendingTensor(host, t.dtype, shape, stride, event)
+
+
+def device_stats(t: torch.Tensor) -> torch.Tensor:
+    """Stats vector for t, computed on t's device; if the device lacks an op, on a host copy."""
+    t = t.detach()
+    try:
+        return _stats_on(t)
+    except (RuntimeError, NotImplementedError):
+        return _stats_on(read_back(t).materialize())
+
+
+@dataclass
+class Snapshot:
+    layout: dict
+    stats: torch.Tensor | None  # float64 [len(STAT_NAMES)], maybe still on the device; None: from data
+    data: PendingTensor | None = None
+    extra: dict = field(default_factory=dict)
+
+    def stats_numpy(self, materialized: torch.Tensor | None = None) -> np.ndarray:
+        s = self.stats if self.stats is not None else _stats_on(materialized)
+        return s.cpu().numpy() if s.device.type != "cpu" else s.numpy()
+
+
+# Devices whose own kernels we trust for reductions; anything else (a PrivateUse1 device under test)
+# gets its stats from the bytes we read back, so a broken device op cannot fake clean numbers.
+TRUSTED_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
+def snapshot(t: torch.Tensor, save_data: bool = True) -> Snapshot:
+    t = t.detach()
+    data = read_back(t) if save_data or t.device.type not in TRUSTED_DEVICES else None
+    if t.device.type == "cpu" and data is not None:
+        stats = None  # computed by the trace writer's thread from the copy, off the model's path
+    elif t.device.type in TRUSTED_DEVICES:
+        stats = device_stats(t)
+    else:
+        stats = _stats_on(data.materialize())
+    return Snapshot(tensor_layout(t), stats, data if save_data else None)

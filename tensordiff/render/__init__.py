@@ -1,0 +1,1 @@
+"""Renderers: pure functions of a DiffResult -> text (console, Markdown, HTML, summary JSON)."""

@@ -1,0 +1,136 @@
+"""Run a model once under the probes and stream every record into a trace file.
+
+    result = capture(model, inputs, "ref.h5", level="both", save="full", backward=True)
+    result.records, result.seconds
+"""
+from __future__ import annotations
+
+import contextlib
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tensordiff.errors import TensordiffError
+from tensordiff.models import Inputs
+from tensordiff.probes.dispatch_ops import OpProbe
+from tensordiff.probes.module_hooks import ModuleProbe, quiet_backward_hook_warnings
+from tensordiff.probes.session import CaptureSession
+from tensordiff.trace import TraceWriter
+
+LEVELS = ("module", "op", "both")
+SAVES = ("full", "stats")
+
+
+@dataclass
+class CaptureResult:
+    path: str
+    records: int
+    seconds: float
+    output: object = None
+
+
+def _as_inputs(inputs) -> Inputs:
+    if isinstance(inputs, Inputs):
+        return inputs
+    if isinstance(inputs, dict):
+        return Inputs((), inputs)
+    if isinstance(inputs, torch.Tensor):
+        return Inputs((inputs,), {})
+    return Inputs(tuple(inputs), {})
+
+
+def default_loss(output, inputs: Inputs) -> torch.Tensor:
+    """Next-token cross-entropy for causal LMs; mean square of the first float output otherwise."""
+    logits = getattr(output, "logits", None)
+    ids = inputs.kwargs.get("input_ids")
+    if logits is not None and ids is not None and ids.shape[-1] > 1:
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1).to(logits.device))
+    from tensordiff.probes.session import flatten_tensors
+
+    for _, t in flatten_tensors((output,), "out"):
+        if t.is_floating_point():
+            return t.float().pow(2).mean()
+    raise TensordiffError("--backward: the model output has no floating-point tensor to build a loss from")
+
+
+def run_forward(model, inputs: Inputs, backward: bool, loss_fn=default_loss):
+    if backward:
+        output = model(*inputs.args, **inputs.kwargs)
+        loss_fn(output, inputs).backward()
+        return output
+    with torch.no_grad():
+        return model(*inputs.args, **inputs.kwargs)
+
+
+def _sync(model) -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_metadata(extra: dict | None = None) -> dict:
+    import transformers
+
+    import tensordiff
+
+    return {"versions": {"tensordiff": tensordiff.__version__, "torch": torch.__version__,
+                         "transformers": transformers.__version__, "python": platform.python_version()},
+            "host": platform.node(), "command": " ".join(sys.argv), **(extra or {})}
+
+
+def capture(model: torch.nn.Module, inputs, path, level: str = "module", save: str = "full",
+            backward: bool = False, module_filter: str | None = None, metadata: dict | None = None,
+            loss_fn=default_loss, compression: str | None = None) -> CaptureResult:
+    """Run ``model`` on ``inputs`` once with probes on, writing the trace to ``path``."""
+    if level not in LEVELS:
+        raise TensordiffError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}")
+    if save not in SAVES:
+        raise TensordiffError(f"unknown save mode {save!r}; choose one of {', '.join(SAVES)}")
+    inputs = _as_inputs(inputs)
+    meta = run_metadata({"level": level, "save": save, "backward": backward, "filter": module_filter,
+                         **(metadata or {})})
+    if backward:
+        quiet_backward_hook_warnings()
+    with TraceWriter(path, meta, compression=compression) as writer:
+        session = CaptureSession(writer, save_data=(save == "full"), module_filter=module_filter)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(ModuleProbe(model, session, backward=backward))
+            if level in ("op", "both"):
+                stack.enter_context(OpProbe(session))
+            start = time.perf_counter()
+            output = _forward_then_backward(model, inputs, backward, loss_fn, session)
+            _sync(model)
+            seconds = time.perf_counter() - start
+        writer.set_metadata(traced_seconds=seconds)
+    return CaptureResult(str(path), session.records, seconds, output)
+
+
+def _forward_then_backward(model, inputs, backward, loss_fn, session):
+    if not backward:
+        with torch.no_grad():
+            return model(*inputs.args, **inputs.kwargs)
+    output = model(*inputs.args, **inputs.kwargs)
+    loss = loss_fn(output, inputs)
+    session.direction = "backward"
+    try:
+        loss.backward()
+    finally:
+        session.direction = "forward"
+    return output
+
+
+def time_plain_forward(model, inputs: Inputs, backward: bool, repeats: int = 3) -> float:
+    """Median seconds of an un-probed run (after one warm-up), for the overhead column in summary."""
+    inputs = _as_inputs(inputs)
+    times = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        run_forward(model, inputs, backward)
+        _sync(model)
+        if i:
+            times.append(time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)
+    return sorted(times)[len(times) // 2]

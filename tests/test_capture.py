@@ -1,0 +1,46 @@
+from pathlib import Path
+
+import torch
+
+import tensordiff
+from tensordiff.models import load_model
+
+PLUGINS = Path(__file__).parent / "plugins"
+
+
+def test_op_level_sees_noncontiguous_copy_with_strides(tmp_path):
+    bundle = load_model(f"{PLUGINS}/copy_model.py:build")
+    tensordiff.capture(bundle.model, bundle.inputs, tmp_path / "t.h5", level="op")
+    idx = tensordiff.open_trace(tmp_path / "t.h5").index
+    copies = idx[idx["op"] == "aten::copy_"]
+    src = copies[copies["slot"] == "in.1"].iloc[0]
+    assert src["stride"] == [1, 8] and src["shape"] == [8, 16] and not src["contiguous"]
+    assert src["module"] == "__root__" and "copy_model.py" in src["source"]
+    dst = copies[copies["slot"] == "out.0"].iloc[0]
+    assert dst["contiguous"] and dst["stride"] == [16, 1]
+    # the captured source value is the logical transposed tensor
+    trace = tensordiff.open_trace(tmp_path / "t.h5")
+    assert torch.equal(trace.tensor(src["key"]), bundle.inputs.args[0].t())
+
+
+def test_backward_records_for_every_module_with_parameters(tmp_path, qwen):
+    tensordiff.capture(qwen.model, qwen.inputs, tmp_path / "b.h5", level="module", backward=True)
+    idx = tensordiff.open_trace(tmp_path / "b.h5").index
+    bwd = set(idx[idx["direction"] == "backward"]["module"])
+    with_params = {n for n, m in qwen.model.named_modules() if n and any(True for _ in m.parameters(recurse=False))}
+    assert with_params and with_params <= bwd
+    grads = idx[(idx["module"] == "lm_head") & (idx["slot"] == "grad_output.0")]
+    assert len(grads) == 1 and grads.iloc[0]["l2"] > 0
+
+
+def test_module_records_and_keys(tmp_path, qwen):
+    tensordiff.capture(qwen.model, qwen.inputs, tmp_path / "m.h5")
+    trace = tensordiff.open_trace(tmp_path / "m.h5")
+    keys = set(trace.keys())
+    assert "model.layers.0.mlp/forward#0/output.0" in keys
+    assert "__root__/forward#0/output.logits" in keys
+    logits = trace.tensor("__root__/forward#0/output.logits")
+    with torch.no_grad():
+        expected = qwen.model(**qwen.inputs.kwargs).logits
+    assert torch.equal(logits, expected)
+    assert trace.meta["level"] == "module" and trace.meta["versions"]["torch"] == torch.__version__

@@ -1,0 +1,88 @@
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from tensordiff.errors import TensordiffError
+from tensordiff.probes.snapshot import snapshot
+from tensordiff.trace import TraceWriter, open_trace
+
+
+def _rec(key, seq=0):
+    return {"key": key, "kind": "module", "direction": "forward", "module": "m", "call": 0,
+            "scope": "m/forward#0", "op": "", "op_index": -1, "slot": key.rsplit("/", 1)[-1], "source": ""}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.bool])
+def test_roundtrip_is_lossless(tmp_path, dtype):
+    gen = torch.Generator().manual_seed(0)
+    src = (torch.randn(7, 5, generator=gen) * 100).to(dtype)
+    view = src.t()  # non-contiguous: stored in logical shape, layout kept in the index
+    with TraceWriter(tmp_path / "t.h5", {"model": "x"}) as w:
+        w.write(_rec("m/forward#0/output.0"), snapshot(view))
+    trace = open_trace(tmp_path / "t.h5")
+    back = trace.tensor("m/forward#0/output.0")
+    assert back.dtype == dtype and back.shape == view.shape
+    assert torch.equal(back, view)
+    row = trace.row("m/forward#0/output.0")
+    assert row["stride"] == [1, 5] and row["contiguous"] is False
+    assert trace.complete and trace.meta["model"] == "x"
+
+
+def test_stats_match_torch(tmp_path):
+    x = torch.tensor([[1.0, -2.0, 0.0], [float("nan"), float("inf"), 4.0]])
+    with TraceWriter(tmp_path / "t.h5", {}) as w:
+        w.write(_rec("a/forward#0/output.0"), snapshot(x))
+    row = open_trace(tmp_path / "t.h5").row("a/forward#0/output.0")
+    finite = torch.tensor([1.0, -2.0, 0.0, 4.0])
+    assert row["min"] == -2.0 and row["max"] == 4.0
+    assert row["mean"] == pytest.approx(finite.mean().item())
+    assert row["l2"] == pytest.approx(finite.norm().item())
+    assert (row["nan"], row["inf"], row["zero"]) == (1, 1, 1)
+
+
+def test_capture_is_a_copy(tmp_path):
+    """A later in-place op must not rewrite what was captured."""
+    x = torch.ones(4)
+    with TraceWriter(tmp_path / "t.h5", {}) as w:
+        w.write(_rec("a/forward#0/output.0"), snapshot(x))
+        x.mul_(3)
+    assert torch.equal(open_trace(tmp_path / "t.h5").tensor("a/forward#0/output.0"), torch.ones(4))
+
+
+def test_killed_writer_leaves_readable_partial_trace(tmp_path):
+    path = tmp_path / "killed.h5"
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        from tensordiff.trace import TraceWriter
+        from tensordiff.probes.snapshot import snapshot
+        w = TraceWriter({str(path)!r}, {{"model": "killed"}})
+        for i in range(5):
+            w.write({{"key": f"m/forward#{{i}}/output.0", "kind": "module", "direction": "forward",
+                      "module": "m", "call": i, "scope": f"m/forward#{{i}}", "op": "", "op_index": -1,
+                      "slot": "output.0", "source": ""}}, snapshot(torch.full((1000,), float(i))))
+        w._queue.join() if False else None
+        import time
+        while w.count < 5:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    trace = open_trace(path)
+    assert trace.complete is False
+    assert len(trace) == 5
+    assert torch.equal(trace.tensor("m/forward#4/output.0"), torch.full((1000,), 4.0))
+
+
+def test_reader_errors_are_one_line(tmp_path):
+    with pytest.raises(TensordiffError, match="not found"):
+        open_trace(tmp_path / "missing.h5")
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"not hdf5 at all")
+    with pytest.raises(TensordiffError, match="bad.h5"):
+        open_trace(bad)
