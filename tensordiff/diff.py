@@ -106,6 +106,7 @@ def compare_traces(ref: TraceReader, tgt: TraceReader, policy: TolerancePolicy) 
             "ref_stride": rrow["stride"], "tgt_stride": trow["stride"], "tgt_contiguous": trow["contiguous"],
             "ref_mean": rrow["mean"], "tgt_mean": trow["mean"], "ref_std": rrow["std"], "tgt_std": trow["std"],
             "ref_max": rrow["max"], "tgt_max": trow["max"],
+            "op_index": trow["op_index"], "local_rel_l2": trow.get("local_rel_l2"),
             **{k: v for k, v in m.items()},
             "worst_index": unravel(m.get("worst_flat", -1), trow["shape"]),
             "atol": tol.atol, "rtol": tol.rtol, "tol_rel_l2": tol.rel_l2,
@@ -159,6 +160,7 @@ def diff(reference, target, atol: float | None = None, rtol: float | None = None
                         meta={"reference": ref.meta, "target": tgt.meta,
                               "reference_complete": ref.complete, "target_complete": tgt.complete},
                         crash=crash, timing=timing or {})
+    result.policy = policy
     result.unmatched = {"reference_only": alignment.ref_only, "target_only": alignment.tgt_only,
                         "ops": alignment.unmatched_ops}
     tgt_dtypes = sorted(set(table["tgt_dtype"])) if not table.empty else []

@@ -15,6 +15,11 @@ import math
 
 import pandas as pd
 
+from tensordiff.probes.session import ROOT
+
+# Output error at least this many times the input error counts as amplification (below: carried).
+AMPLIFY_RATIO = 1.1
+
 
 
 def _first_input_output(group: pd.DataFrame):
@@ -45,7 +50,7 @@ def module_table(table: pd.DataFrame, tgt_index: pd.DataFrame) -> pd.DataFrame:
         amp = out_err / in_err if in_err > 0 else (math.inf if out_err > 0 else 1.0)
         if loc is not None and loc > tol:
             status = "introduces"
-        elif out_err > tol and in_err > tol and amp > 1.0:
+        elif out_err > tol and in_err > tol and amp > AMPLIFY_RATIO:
             status = "amplifies"
         elif out_err > tol and in_err <= tol and loc is None:
             status = "introduces?"
@@ -77,7 +82,7 @@ def localize(result, ref, tgt) -> None:
     table = result.table
     result.first_divergence = first_beyond(table)
     result.first_nan = first_nan(table)
-    result.modules = module_table(table, tgt.index) if not table.empty else module_table(table, tgt.index)
+    result.modules = module_table(table, tgt.index)
     result.culprit = None
     if result.crash is not None:
         result.verdict = "crashed"
@@ -89,16 +94,116 @@ def localize(result, ref, tgt) -> None:
         result.verdict = "incomplete"
     else:
         result.verdict = "match"
-    if result.verdict in ("diverged", "nan", "crashed"):
-        result.culprit = find_culprit(result.modules, table)
+    if result.verdict in ("diverged", "nan", "crashed") and not table.empty:
+        result.culprit = find_culprit(result, tgt)
 
 
-def find_culprit(modules: pd.DataFrame, table: pd.DataFrame) -> dict | None:
-    if modules.empty:
+def _tol(row, table_tol: dict, policy) -> float:
+    return table_tol.get(row["key"]) or policy.for_record(row["key"], row["dtype"]).rel_l2
+
+
+def _is_descendant(child: str, parent: str) -> bool:
+    return parent == ROOT and child != ROOT or child.startswith(parent + ".")
+
+
+def find_culprit(result, tgt) -> dict | None:
+    """Deepest, earliest record whose *local* error is beyond tolerance (see module docstring)."""
+    table = result.table
+    tgt_index = tgt.index
+    table_tol = dict(zip(table["key"], table["tol_rel_l2"]))
+    fwd = tgt_index[tgt_index["direction"] == "forward"]
+    if "local_rel_l2" in fwd.columns:
+        local = fwd[fwd["local_rel_l2"].notna()]
+        beyond_local = [r for r in local.to_dict("records") if r["local_rel_l2"] > _tol(r, table_tol, result.policy)]
+    else:
+        beyond_local = []
+    ops = [r for r in beyond_local if r["kind"] == "op"]
+    if ops:  # an op whose own result, on its own inputs, differs from the reference's: most precise
+        row = min(ops, key=lambda r: r["seq"])
+        return _culprit(row, row["local_rel_l2"], "op computes a wrong result from its own inputs")
+    mods = [r for r in beyond_local if r["kind"] == "module"]
+    if not mods:
+        return _culprit_without_replay(result)
+    names = {r["module"] for r in mods}
+    deepest = [r for r in mods if not any(_is_descendant(n, r["module"]) for n in names)]
+    row = min(deepest, key=lambda r: r["seq"])
+    children_ran = any(_is_descendant(m, row["module"]) for m in set(fwd["module"]))
+    why = ("the module's own code between its children (every child's local error is within tolerance)"
+           if children_ran else "the module computes a wrong result from its own inputs")
+    culprit = _culprit(row, row["local_rel_l2"], why)
+    op = culprit_op_in_scope(table, row["scope"], result.unmatched.get("ops", []), tgt)
+    if op is not None:
+        culprit.update(op=op["op"], op_key=op["key"], source=op.get("source") or culprit["source"])
+    return culprit
+
+
+def _culprit(row: dict, local_err: float, why: str) -> dict:
+    return {"key": row["key"], "module": row["module"], "scope": row["scope"],
+            "op": row["op"] or None, "local_error": local_err, "source": row.get("source") or None,
+            "why": why}
+
+
+def _culprit_without_replay(result) -> dict | None:
+    """No local errors recorded (diff of traces captured without replay): the earliest module whose
+    output is beyond tolerance while its input is within (error appeared inside it)."""
+    mods = result.modules
+    cand = mods[mods["status"] == "introduces?"] if not mods.empty else mods
+    if cand.empty:
         return None
-    intro = modules[modules["status"].isin(["introduces", "introduces?"])]
-    if intro.empty:
+    names = set(cand["module"])
+    deepest = cand[[not any(_is_descendant(n, m) for n in names) for m in cand["module"]]]
+    row = deepest.iloc[0]
+    return {"key": f"{row['scope']}/output.0", "module": row["module"], "scope": row["scope"], "op": None,
+            "local_error": None, "source": row.get("source") or None,
+            "why": "output beyond tolerance while input within (no replay: local error not measured)"}
+
+
+def culprit_op_in_scope(table: pd.DataFrame, scope: str, unmatched_ops: list, tgt) -> dict | None:
+    """Inside one module call, the first op that turns good values into bad ones: an aligned op whose
+    inputs match the reference and whose output does not, or a target-only op that changes the value
+    it was given (an extra copy or scale the reference does not have)."""
+    tgt_index = tgt.index
+    ops = tgt_index[(tgt_index["kind"] == "op") & (tgt_index["scope"] == scope)]
+    if ops.empty:
         return None
-    row = intro.iloc[0]
-    return {"key": f"{row['scope']}/output.0", "module": row["module"], "op": None,
-            "local_error": row["local_err"], "source": row.get("source") or None}
+    rows = table[(table["kind"] == "op") & (table["scope"] == scope)]
+    by_op = {i: g for i, g in rows.groupby("op_index")} if "op_index" in rows.columns else {}
+    target_only = {o["op_index"] for o in unmatched_ops if o["side"] == "target" and o["scope"] == scope}
+    for op_index, group in ops.groupby("op_index", sort=True):
+        first = group.iloc[0].to_dict()
+        if op_index in target_only:
+            if _changes_value(group, tgt):
+                return first
+            continue
+        g = by_op.get(op_index)
+        if g is None:
+            continue
+        ins = g[g["slot"].str.startswith("in.")]
+        outs = g[g["slot"].str.startswith("out.")]
+        if len(outs) and outs["beyond"].any() and not (len(ins) and ins["beyond"].any()):
+            return outs.iloc[0].to_dict() | {"op": first["op"]}
+    return None
+
+
+def _changes_value(group: pd.DataFrame, tgt) -> bool:
+    """Does a target-only op's first output differ from its (last) input of the same shape? Compared on
+    the data when saved (a scrambling copy keeps every statistic), else on the stats."""
+    ins = group[group["slot"].str.startswith("in.")]
+    outs = group[group["slot"].str.startswith("out.")]
+    if outs.empty:
+        return False
+    out = outs.iloc[0]
+    same_shape = ins[[list(s) == list(out["shape"]) for s in ins["shape"]]]
+    if same_shape.empty:
+        return False
+    src = same_shape.iloc[-1]
+    if out["has_data"] and src["has_data"]:
+        from tensordiff.probes.replay import local_error
+
+        a, b = tgt.tensor(src["key"]), tgt.tensor(out["key"])
+        if not a.is_floating_point():
+            return not bool((a == b).all())
+        err = local_error(b, a)
+        return err is not None and err[0] > 1e-6
+    fields = ["mean", "l2", "min", "max"]
+    return any(abs(float(out[f]) - float(src[f])) > 1e-6 * (abs(float(src[f])) + 1e-12) for f in fields)

@@ -92,25 +92,38 @@ def _qwen(moe: bool, size: str, seed: int, attn: str) -> torch.nn.Module:
         config = transformers.Qwen3Config(**dims)
         cls = transformers.Qwen3ForCausalLM
     config._attn_implementation = attn
+    config.use_cache = False  # a KV cache would be mutated again by every replay of an attention call
     torch.manual_seed(seed)
     return cls(config).eval()
 
 
+_LOADED_FILES: dict = {}
+
+
 def _from_file(spec: str):
+    """The function NAME of path/to/file.py:NAME (each file is imported once per process)."""
     path_s, _, fn_name = spec.rpartition(":")
     path = Path(path_s)
     if not path.is_file():
         raise TensordiffError(f"model file not found: {path}")
+    module = _LOADED_FILES.get(path.resolve())
+    if module is None:
+        module = _import_file(path)
+        _LOADED_FILES[path.resolve()] = module
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise TensordiffError(f"{path} has no function {fn_name!r}")
+    return fn
+
+
+def _import_file(path: Path):
     mod_spec = importlib.util.spec_from_file_location(f"tensordiff_user_{path.stem}", path)
     module = importlib.util.module_from_spec(mod_spec)
     try:
         mod_spec.loader.exec_module(module)
     except Exception as exc:
         raise TensordiffError(f"cannot import {path}: {type(exc).__name__}: {exc}") from None
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise TensordiffError(f"{path} has no function {fn_name!r}")
-    return fn
+    return module
 
 
 def _user_model(spec: str, seed: int) -> ModelBundle:
@@ -141,6 +154,7 @@ def _pretrained(spec: str, seed: int, attn: str):
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             spec, local_files_only=True, dtype=torch.float32, attn_implementation=attn)
+        model.config.use_cache = False
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TensordiffError(f"cannot load model {spec!r} from a local directory or the local HF cache "

@@ -26,6 +26,7 @@ class TraceJob:
     seq_len: int = 128
     seed: int = 0
     level: str = "module"
+    replay: bool = True
     save: str = "full"
     backward: bool = False
     module_filter: str | None = None
@@ -70,6 +71,7 @@ def trace_job(job: TraceJob) -> TraceOutcome:
             timing[f"{role}_plain_s"] = time_plain_forward(model, inputs, job.backward)
         result = capture(model, inputs, out_dir / f"{role}.h5", level=job.level, save=job.save,
                          backward=job.backward, module_filter=job.module_filter,
+                         replay_model=bundle.model if (role == "target" and job.replay) else None,
                          metadata={**base_meta, "role": role, "backend": backend.describe()})
         timing[f"{role}_traced_s"] = result.seconds
         if job.time_plain and timing[f"{role}_plain_s"] > 0:

@@ -197,7 +197,10 @@ class TraceReader:
             rows = [json.loads(s) for s in self._file["index"].asstr()[...]]
             stats = self._file["stats"][...]
             n = min(len(rows), len(stats))  # a crash may leave one a row ahead of the other
-            df = pd.DataFrame(rows[:n], columns=list(INDEX_FIELDS))
+            df = pd.DataFrame(rows[:n])
+            for name in INDEX_FIELDS:  # an empty trace still has every documented column
+                if name not in df.columns:
+                    df[name] = pd.Series(dtype=object)
             from tensordiff.probes.snapshot import STAT_NAMES
 
             for i, name in enumerate(STAT_NAMES):

@@ -57,15 +57,6 @@ def default_loss(output, inputs: Inputs) -> torch.Tensor:
     raise TensordiffError("--backward: the model output has no floating-point tensor to build a loss from")
 
 
-def run_forward(model, inputs: Inputs, backward: bool, loss_fn=default_loss):
-    if backward:
-        output = model(*inputs.args, **inputs.kwargs)
-        loss_fn(output, inputs).backward()
-        return output
-    with torch.no_grad():
-        return model(*inputs.args, **inputs.kwargs)
-
-
 def _sync(model) -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -83,8 +74,12 @@ def run_metadata(extra: dict | None = None) -> dict:
 
 def capture(model: torch.nn.Module, inputs, path, level: str = "module", save: str = "full",
             backward: bool = False, module_filter: str | None = None, metadata: dict | None = None,
-            loss_fn=default_loss, compression: str | None = None) -> CaptureResult:
-    """Run ``model`` on ``inputs`` once with probes on, writing the trace to ``path``."""
+            loss_fn=default_loss, compression: str | None = None,
+            replay_model: torch.nn.Module | None = None) -> CaptureResult:
+    """Run ``model`` on ``inputs`` once with probes on, writing the trace to ``path``.
+
+    With ``replay_model`` (the fp32 CPU reference), every module call (and op, at op level) is also
+    re-run on the reference with the target's own inputs, giving each record its local error."""
     if level not in LEVELS:
         raise TensordiffError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}")
     if save not in SAVES:
@@ -95,7 +90,11 @@ def capture(model: torch.nn.Module, inputs, path, level: str = "module", save: s
     if backward:
         quiet_backward_hook_warnings()
     with TraceWriter(path, meta, compression=compression) as writer:
-        session = CaptureSession(writer, save_data=(save == "full"), module_filter=module_filter)
+        from tensordiff.probes.replay import Replayer
+
+        replayer = Replayer(replay_model) if replay_model is not None else None
+        session = CaptureSession(writer, save_data=(save == "full"), module_filter=module_filter,
+                                 replayer=replayer)
         with contextlib.ExitStack() as stack:
             stack.enter_context(ModuleProbe(model, session, backward=backward))
             if level in ("op", "both"):
@@ -104,16 +103,20 @@ def capture(model: torch.nn.Module, inputs, path, level: str = "module", save: s
             output = _forward_then_backward(model, inputs, backward, loss_fn, session)
             _sync(model)
             seconds = time.perf_counter() - start
-        writer.set_metadata(traced_seconds=seconds)
+        writer.set_metadata(traced_seconds=seconds, replay=replayer is not None,
+                            replay_failures=dict(list(replayer.failures.items())[:50]) if replayer else {})
     return CaptureResult(str(path), session.records, seconds, output)
 
 
-def _forward_then_backward(model, inputs, backward, loss_fn, session):
+def _forward_then_backward(model, inputs, backward, loss_fn=default_loss, session=None):
     if not backward:
         with torch.no_grad():
             return model(*inputs.args, **inputs.kwargs)
     output = model(*inputs.args, **inputs.kwargs)
     loss = loss_fn(output, inputs)
+    if session is None:
+        loss.backward()
+        return output
     session.direction = "backward"
     try:
         loss.backward()
@@ -128,7 +131,7 @@ def time_plain_forward(model, inputs: Inputs, backward: bool, repeats: int = 3) 
     times = []
     for i in range(repeats + 1):
         start = time.perf_counter()
-        run_forward(model, inputs, backward)
+        _forward_then_backward(model, inputs, backward)
         _sync(model)
         if i:
             times.append(time.perf_counter() - start)

@@ -14,6 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from tensordiff.probes.replay import local_error, output_tensors, replayable
 from tensordiff.probes.session import CaptureSession, user_source_line
 
 # Ops whose only job is metadata or that tensordiff itself never needs to compare.
@@ -51,9 +52,15 @@ class OpProbe(TorchDispatchMode):
                 session.emit({**base, "key": f"{prefix}/in.{slot}", "slot": f"in.{slot}"}, item,
                              save_data=False if is_view else None)
                 slot += 1
+        replayer = session.replayer if session.direction == "forward" and replayable(func) else None
+        ref_in = session.quietly(replayer.to_reference, (args, kwargs)) if replayer else None
         out = func(*args, **kwargs)
-        flat_out, _ = tree_flatten(out)
-        for i, item in enumerate(x for x in flat_out if isinstance(x, torch.Tensor)):
-            session.emit({**base, "key": f"{prefix}/out.{i}", "slot": f"out.{i}"}, item,
-                         save_data=False if is_view else None)
+        ref_out = output_tensors(session.quietly(replayer.run_op, func, ref_in)) if replayer else []
+        for i, item in enumerate(output_tensors(out)):
+            rec = {**base, "key": f"{prefix}/out.{i}", "slot": f"out.{i}"}
+            if i < len(ref_out):
+                local = session.quietly(local_error, item, ref_out[i])
+                if local is not None:
+                    rec["local_rel_l2"], rec["local_max_abs"] = local
+            session.emit(rec, item, save_data=False if is_view else None)
         return out

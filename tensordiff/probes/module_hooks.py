@@ -11,6 +11,7 @@ import warnings
 
 import torch
 
+from tensordiff.probes.replay import local_error
 from tensordiff.probes.session import ROOT, CaptureSession, flatten_tensors, user_source_line
 
 
@@ -26,6 +27,7 @@ class ModuleProbe:
         self.session = session
         self.backward = backward
         self._handles = []
+        self._replay_inputs: list = []  # reference-side copies of the inputs of each open call
 
     def __enter__(self):
         for raw_name, mod in self.model.named_modules():
@@ -50,6 +52,8 @@ class ModuleProbe:
         def hook(module, args, kwargs):
             call = session.next_call(name, "forward")
             session.scopes.append((name, f"{name}/forward#{call}"))
+            if session.replayer is not None and session.wants_module(name):
+                self._replay_inputs.append(session.quietly(session.replayer.to_reference, (args, kwargs)))
             if session.wants_module(name):
                 src = user_source_line()
                 for slot, t in flatten_tensors(args, "input"):
@@ -68,11 +72,28 @@ class ModuleProbe:
             call = int(scope.rsplit("#", 1)[1])
             if session.wants_module(name):
                 outs = (output,) if isinstance(output, torch.Tensor) else output
+                replayed = self._replay(name, session) if session.replayer is not None else {}
                 for slot, t in flatten_tensors(outs, "output"):
-                    session.emit(_record(name, "forward", call, slot), t)
+                    rec = _record(name, "forward", call, slot)
+                    if slot in replayed:
+                        local = session.quietly(local_error, t, replayed[slot])
+                        if local is not None:
+                            rec["local_rel_l2"], rec["local_max_abs"] = local
+                    session.emit(rec, t)
             return None
 
         return hook
+
+    def _replay(self, name: str, session: CaptureSession) -> dict:
+        """slot -> the reference module's output on the target's inputs of this call."""
+        ref_inputs = self._replay_inputs.pop() if self._replay_inputs else None
+        if ref_inputs is None:
+            return {}
+        ref_out = session.quietly(session.replayer.run_module, name, ref_inputs)
+        if ref_out is None:
+            return {}
+        ref_out = (ref_out,) if isinstance(ref_out, torch.Tensor) else ref_out
+        return dict(flatten_tensors(ref_out, "output"))
 
     def _backward_hook(self, name: str):
         session = self.session

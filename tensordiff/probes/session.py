@@ -57,8 +57,9 @@ def flatten_tensors(obj, prefix: str, depth: int = 0):
 class CaptureSession:
     """Names records, keeps the module scope stack and sends snapshots to the trace writer."""
 
-    def __init__(self, writer, save_data: bool = True, module_filter: str | None = None):
+    def __init__(self, writer, save_data: bool = True, module_filter: str | None = None, replayer=None):
         self.writer = writer
+        self.replayer = replayer               # probes/replay.Replayer: local errors, or None
         self.save_data = save_data
         self._filter = re.compile(module_filter) if module_filter else None
         self.calls = defaultdict(int)          # (module, direction) -> calls so far
@@ -84,13 +85,17 @@ class CaptureSession:
             return "__backward__", "__backward__/backward#0"
         return ROOT, f"{ROOT}/{self.direction}#0"
 
+    def quietly(self, fn, *args):
+        """Run our own tensor work (replays, copies) without the op probe recording it."""
+        was, self.busy = self.busy, True
+        try:
+            return fn(*args)
+        finally:
+            self.busy = was
+
     def emit(self, record: dict, tensor: torch.Tensor, save_data: bool | None = None) -> None:
         save = self.save_data if save_data is None else save_data
-        self.busy = True
-        try:
-            snap = snapshot(tensor, save_data=save)
-        finally:
-            self.busy = False
+        snap = self.quietly(snapshot, tensor, save)
         self.writer.write(record, snap)
         self.records += 1
         self.last_record = record

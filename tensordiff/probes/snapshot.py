@@ -100,7 +100,7 @@ class PendingTensor:
         return flat.as_strided(self.shape, self.stride, 0).contiguous()
 
 
-def read_back(t: torch.Tensor, device_copy_ok: bool = False) -> PendingTensor:
+def read_back(t: torch.Tensor) -> PendingTensor:
     """Copy t's data to the host. CPU tensors are cloned; device tensors travel as raw storage bytes
     (one contiguous 1-D copy, the most basic thing a device must do right) and are rebuilt here."""
     t = t.detach()
@@ -108,10 +108,8 @@ def read_back(t: torch.Tensor, device_copy_ok: bool = False) -> PendingTensor:
         t = t.to_dense()
     shape, stride = tuple(t.shape), tuple(t.stride())
     if t.device.type == "cpu":
-        dense = t.contiguous() if not t.is_contiguous() else t.clone()
-        if dense.data_ptr() == t.data_ptr():  # contiguous() returned t itself: make it a copy
-            dense = dense.clone()
-        raw = dense.reshape(-1).view(torch.uint8) if dense.numel() else torch.empty(0, dtype=torch.uint8)
+        dense = t.clone(memory_format=torch.contiguous_format)
+        raw = dense.view(-1).view(torch.uint8) if dense.numel() else torch.empty(0, dtype=torch.uint8)
         return PendingTensor(raw, t.dtype, shape, tuple(dense.stride()))
     itemsize = t.element_size()
     if t.numel() == 0:

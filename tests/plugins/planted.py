@@ -11,3 +11,47 @@ def scale_layer1_mlp(model):
 
 def identity(model):
     return model
+
+
+def scale_layer1_attention(model):
+    """Attention output of layer 1 scaled by 1.01, inside the attention module's own forward."""
+    attn = model.model.layers[1].self_attn
+    inner = attn.forward
+
+    def forward(*args, **kwargs):
+        out, weights = inner(*args, **kwargs)
+        return out * 1.01, weights
+
+    attn.forward = forward
+    return model
+
+
+# A device-style copy that ignores strides: reads the storage in memory order, as a buggy device
+# `_copy_from` does, registered as an op so the op probe sees it like a device kernel.
+_lib = torch.library.Library("tdtest", "FRAGMENT")
+if not hasattr(torch.ops.tdtest, "device_copy"):
+    _lib.define("device_copy(Tensor x) -> Tensor")
+
+
+def _device_copy(x):
+    flat = torch.as_strided(x, (x.numel(),), (1,), x.storage_offset())
+    return flat.clone().reshape(x.shape)
+
+
+if not torch._C._dispatch_has_kernel_for_dispatch_key("tdtest::device_copy", "CPU"):
+    _lib.impl("device_copy", _device_copy, "CPU")
+
+
+def strided_copy_before_norm(model):
+    """Layer 1 keeps its hidden state in a transposed layout and moves it with the stride-ignoring
+    copy just before input_layernorm: the norm gets scrambled input but computes correctly."""
+    layer = model.model.layers[1]
+    inner = layer.forward
+
+    def forward(hidden_states, *args, **kwargs):
+        transposed = hidden_states.transpose(1, 2).contiguous().transpose(1, 2)  # same values, strided
+        moved = torch.ops.tdtest.device_copy(transposed)
+        return inner(moved, *args, **kwargs)
+
+    layer.forward = forward
+    return model
