@@ -59,11 +59,114 @@ def trace(
     raise typer.Exit(_exit_for(outcome.result.verdict))
 
 
+FORMATS = ("console", "md", "html", "json")
+
+
+def _emit(result, fmt: str) -> None:
+    from tensordiff.render.console import render_console
+    from tensordiff.render.summary import summary_json
+
+    if fmt == "console":
+        render_console(result)
+    elif fmt == "md":
+        typer.echo(result.to_markdown())
+    elif fmt == "html":
+        typer.echo(result.to_html())
+    elif fmt == "json":
+        typer.echo(summary_json(result))
+
+
+def _check_format(fmt: str) -> None:
+    from tensordiff.errors import TensordiffError
+
+    if fmt not in FORMATS:
+        raise TensordiffError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+@app.command("diff")
+def diff_cmd(
+    reference: Path = typer.Argument(..., help="Reference trace (.h5)."),
+    target: Path = typer.Argument(..., help="Target trace (.h5)."),
+    out: Optional[Path] = typer.Option(None, help="Also write summary.json, report.md, report.html here."),
+    atol: Optional[float] = typer.Option(None, help="Absolute tolerance for every record."),
+    rtol: Optional[float] = typer.Option(None, help="Relative tolerance for every record."),
+    rel_l2: Optional[float] = typer.Option(None, help="Relative L2 budget for calling a record diverged."),
+    format: str = typer.Option("console", "--format", help="console | md | html | json"),
+):
+    """Diff two existing traces."""
+    from tensordiff.diff import diff
+    from tensordiff.run import write_reports
+
+    _check_format(format)
+    result = diff(reference, target, atol=atol, rtol=rtol, rel_l2=rel_l2)
+    if out is not None:
+        write_reports(result, out)
+    _emit(result, format)
+    raise typer.Exit(_exit_for(result.verdict))
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A directory written by `tensordiff trace`."),
+    format: str = typer.Option("console", "--format", help="console | md | html | json"),
+):
+    """Re-render the reports of a finished run from its traces."""
+    from tensordiff.diff import diff
+    from tensordiff.errors import TensordiffError
+    from tensordiff.run import load_summary, write_reports
+
+    _check_format(format)
+    if not (run_dir / "reference.h5").exists() or not (run_dir / "target.h5").exists():
+        raise TensordiffError(f"{run_dir} holds no reference.h5 / target.h5 (not a `tensordiff trace` output)")
+    previous = load_summary(run_dir) if (run_dir / "summary.json").exists() else {}
+    result = diff(run_dir / "reference.h5", run_dir / "target.h5", timing=previous.get("timing"),
+                  crash=previous.get("crash"))
+    write_reports(result, run_dir)
+    _emit(result, format)
+    raise typer.Exit(_exit_for(result.verdict))
+
+
+@app.command()
+def inspect(
+    trace_file: Path = typer.Argument(..., help="A trace (.h5)."),
+    limit: int = typer.Option(40, help="Records to list."),
+    filter: Optional[str] = typer.Option(None, "--filter", help="Regex on record keys."),
+):
+    """Records, stats, metadata and completeness of one trace."""
+    import json
+    import re
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from tensordiff.render.text import fmt
+    from tensordiff.trace import open_trace
+
+    trace = open_trace(trace_file)
+    idx = trace.index
+    if filter:
+        idx = idx[[bool(re.search(filter, k)) for k in idx["key"]]]
+    console = Console()
+    state = "complete" if trace.complete else "PARTIAL (the writer did not finish: crash or kill)"
+    console.print(f"{trace_file}: {len(trace)} records, {state}")
+    meta = trace.meta
+    console.print(json.dumps({k: meta.get(k) for k in ("model", "role", "backend", "level", "save", "versions")},
+                             default=str))
+    table = Table()
+    for col in ("seq", "key", "shape", "dtype", "stride", "min", "max", "mean", "nan"):
+        table.add_column(col, overflow="fold")
+    for r in idx.head(limit).to_dict("records"):
+        table.add_row(str(r["seq"]), r["key"], str(r["shape"]), r["dtype"], str(r["stride"]), fmt(r["min"]),
+                      fmt(r["max"]), fmt(r["mean"]), str(int(r["nan"])))
+    console.print(table)
+
+
 def main() -> None:
     from tensordiff.errors import TensordiffError
 
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns the typer.Exit code here
+        sys.exit(code if isinstance(code, int) else 0)
     except TensordiffError as exc:
         if _state["debug"]:
             raise

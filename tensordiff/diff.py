@@ -34,6 +34,7 @@ class DiffResult:
     meta: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     crash: dict | None = None
+    flips: list = field(default_factory=list)
     timing: dict = field(default_factory=dict)
     modules: pd.DataFrame = field(default_factory=pd.DataFrame)  # the amplification table
 

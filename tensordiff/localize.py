@@ -48,7 +48,9 @@ def module_table(table: pd.DataFrame, tgt_index: pd.DataFrame) -> pd.DataFrame:
         loc = local.get(scope)
         tol = float(out["tol_rel_l2"])
         amp = out_err / in_err if in_err > 0 else (math.inf if out_err > 0 else 1.0)
-        if loc is not None and loc > tol:
+        if bool(group.get("explained", pd.Series([False])).any()):
+            status = "flip"
+        elif loc is not None and loc > tol:
             status = "introduces"
         elif out_err > tol and in_err > tol and amp > AMPLIFY_RATIO:
             status = "amplifies"
@@ -76,10 +78,63 @@ def _local_errors(tgt_index: pd.DataFrame) -> dict:
     return out
 
 
+def _parent(module: str) -> str:
+    return module.rsplit(".", 1)[0] if "." in module else ROOT
+
+
+def decision_flips(table: pd.DataFrame) -> list[dict]:
+    """Module calls whose integer outputs (top-k indices, masks) differ from the reference although
+    their float inputs are within tolerance: a near-tie decided the other way by rounding (a bf16
+    router choosing another expert), not a bug. At most a quarter of the decisions may flip."""
+    if table.empty:
+        return []
+    mods = table[(table["kind"] == "module") & (table["direction"] == "forward")]
+    flips = []
+    for scope, group in mods.groupby("scope", sort=False):
+        outs = group[group["slot"].str.startswith("output")]
+        discrete = outs[~outs["tgt_dtype"].str.contains("float") & (outs["max_abs"] > 0)]
+        if discrete.empty:
+            continue
+        floats_in = group[group["slot"].str.startswith("input") & group["tgt_dtype"].str.contains("float")]
+        floats_out = outs[outs["tgt_dtype"].str.contains("float")]
+        if floats_in["beyond"].any() or floats_out["beyond"].any():
+            continue
+        local = floats_out["local_rel_l2"].dropna()
+        if len(local) and (local > floats_out.loc[local.index, "tol_rel_l2"]).any():
+            continue
+        row = discrete.iloc[0]
+        changed = float(row["frac_outside"])
+        if changed == changed and changed > 0.25:
+            continue
+        flips.append({"module": row["module"], "scope": scope, "key": row["key"], "changed_fraction": changed,
+                      "numel": int(row.get("numel") or 0), "affects": _parent(row["module"])})
+    return flips
+
+
+def _mark_explained(table: pd.DataFrame, flips: list[dict]) -> None:
+    """Records inside the module that consumed a flipped decision are explained by the flip."""
+    explained = pd.Series(False, index=table.index)
+    for flip in flips:
+        parent = flip["affects"]
+        inside = table["module"].map(lambda m: m == parent or _is_descendant(m, parent))
+        after = table["seq"] >= table.loc[table["key"] == flip["key"], "seq"].min()
+        explained |= inside & after & (table["direction"] == "forward")
+    table["explained"] = explained
+    table["beyond"] = table["beyond"] & ~explained
+
+
 def localize(result, ref, tgt) -> None:
     from tensordiff.diff import first_beyond, first_nan
 
     table = result.table
+    result.flips = decision_flips(table)
+    if not table.empty:
+        _mark_explained(table, result.flips)
+    for flip in result.flips:
+        result.notes.append(
+            f"{flip['module']} chose differently for {flip['changed_fraction']:.1%} of its discrete outputs "
+            f"(e.g. top-k experts) while its inputs match within tolerance: a rounding near-tie, not a bug; "
+            f"differences inside {flip['affects']} that follow from it are not counted as divergence")
     result.first_divergence = first_beyond(table)
     result.first_nan = first_nan(table)
     result.modules = module_table(table, tgt.index)
@@ -117,6 +172,9 @@ def find_culprit(result, tgt) -> dict | None:
         beyond_local = [r for r in local.to_dict("records") if r["local_rel_l2"] > _tol(r, table_tol, result.policy)]
     else:
         beyond_local = []
+    if "explained" in table.columns:  # inside a module that consumed a flipped decision
+        explained_scopes = set(table.loc[table["explained"], "scope"])
+        beyond_local = [r for r in beyond_local if r["scope"] not in explained_scopes]
     ops = [r for r in beyond_local if r["kind"] == "op"]
     if ops:  # an op whose own result, on its own inputs, differs from the reference's: most precise
         row = min(ops, key=lambda r: r["seq"])

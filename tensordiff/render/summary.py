@@ -47,6 +47,7 @@ def summary_dict(result) -> dict:
         "timing": result.timing,
         "counts": result.counts,
         "notes": result.notes,
+        "flips": result.flips,
         "unmatched": {k: v[:200] for k, v in result.unmatched.items()},
         "modules": modules,
         "records": records,

@@ -55,3 +55,11 @@ def strided_copy_before_norm(model):
 
     layer.forward = forward
     return model
+
+
+def corrupt_expert_17(model):
+    """Qwen3-MoE: expert 17 of layer 0 has a wrong down projection (fused 3-D expert weights)."""
+    experts = model.model.layers[0].mlp.experts
+    with torch.no_grad():
+        experts.down_proj[17] *= 1.5
+    return model

@@ -1,0 +1,69 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PLUGINS = Path(__file__).parent / "plugins"
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "tensordiff", *args], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "250"})
+
+
+@pytest.fixture(scope="module")
+def bug_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "bug"
+    proc = run_cli("trace", "--model", "qwen", "--seq-len", "32", "--target",
+                   f"{PLUGINS}/planted.py:scale_layer1_attention", "--out", str(out))
+    return out, proc
+
+
+def test_trace_exit_1_on_divergence_and_reports(bug_run):
+    out, proc = bug_run
+    assert proc.returncode == 1, proc.stderr
+    assert "DIVERGED" in proc.stdout and "model.layers.1.self_attn" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["verdict"] == "diverged"
+    assert summary["culprit"]["module"] == "model.layers.1.self_attn"
+    assert set(summary["first_divergence"]) >= {"key", "module", "op", "max_abs", "rel_l2", "index"}
+    assert summary["timing"]["target_plain_s"] > 0 and summary["timing"]["target_traced_s"] > 0
+
+
+def test_diff_and_report_and_inspect(bug_run, tmp_path):
+    out, _ = bug_run
+    proc = run_cli("diff", str(out / "reference.h5"), str(out / "target.h5"), "--format", "json")
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["culprit"]["module"] == "model.layers.1.self_attn"
+    same = run_cli("diff", str(out / "reference.h5"), str(out / "reference.h5"), "--format", "md")
+    assert same.returncode == 0 and "MATCH" in same.stdout
+    rep = run_cli("report", str(out), "--format", "md")
+    assert rep.returncode == 1 and "model.layers.1.self_attn" in rep.stdout
+    ins = run_cli("inspect", str(out / "target.h5"), "--limit", "5")
+    assert ins.returncode == 0 and "complete" in ins.stdout and "__root__/forward#0/input.input_ids" in ins.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["diff", "nope.h5", "nope2.h5"], "nope.h5"),
+    (["trace", "--model", "missing_file.py:build"], "missing_file.py"),
+    (["trace", "--target", "tpu-fp8"], "tpu-fp8"),
+    (["trace", "--model", "no/such-local-model"], "no/such-local-model"),
+    (["trace", "--level", "everything"], "everything"),
+    (["diff", "a.h5", "b.h5", "--format", "pdf"], "pdf"),
+])
+def test_bad_input_one_line_exit_2(args, needle, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tensordiff", *args, *(["--out", str(tmp_path / "o")]
+                           if args[0] == "trace" else [])], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_corrupt_trace_is_one_line(tmp_path):
+    bad = tmp_path / "bad.h5"
+    bad.write_text("garbage")
+    proc = run_cli("inspect", str(bad))
+    assert proc.returncode == 2 and "bad.h5" in proc.stderr and "Traceback" not in proc.stderr
