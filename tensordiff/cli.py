@@ -30,8 +30,10 @@ def _exit_for(verdict: str) -> int:
 @app.command()
 def trace(
     model: str = typer.Option("qwen", help="qwen | qwen-moe | local dir / HF id in the local cache | file.py:NAME"),
-    target: str = typer.Option("cpu-bf16", help="Target backend: cpu, cpu-bf16, cpu-fp16, cuda[-bf16|-fp16], "
-                                                "file.py:NAME, or an installed entry point."),
+    target: str = typer.Option("echo_npu", help="Target backend: echo_npu, cpu, cpu-bf16, cpu-fp16, "
+                                                "cuda[-bf16|-fp16], file.py:NAME, or an installed entry point."),
+    fault: str = typer.Option("none", help="echo_npu fault mode (see `tensordiff faults`)."),
+    isolate: bool = typer.Option(True, help="Run the target in a child process (survives crashes)."),
     reference: str = typer.Option("cpu", help="Reference backend."),
     out: Path = typer.Option(Path("runs/latest"), help="Output directory."),
     size: str = typer.Option("tiny", help="Built-in model size: tiny | small | 0.5b (Qwen3-0.6B shape)."),
@@ -52,11 +54,21 @@ def trace(
 
     job = TraceJob(model=model, target=target, reference=reference, out=str(out), size=size, batch=batch,
                    seq_len=seq_len, seed=seed, level=level, save=save, backward=backward,
-                   module_filter=filter, attention_mask=attention_mask, atol=atol, rtol=rtol)
+                   module_filter=filter, attention_mask=attention_mask, atol=atol, rtol=rtol, fault=fault,
+                   isolate=isolate)
     outcome = trace_job(job)
     render_console(outcome.result)
     typer.echo(f"wrote {out}/reference.h5, target.h5, summary.json, report.md, report.html")
     raise typer.Exit(_exit_for(outcome.result.verdict))
+
+
+@app.command()
+def faults():
+    """List the echo_npu fault modes."""
+    from tensordiff.backends.echo_npu import FAULTS
+
+    for name, (_, text) in FAULTS.items():
+        typer.echo(f"{name:18s} {text}")
 
 
 FORMATS = ("console", "md", "html", "json")

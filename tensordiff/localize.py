@@ -33,7 +33,7 @@ def _first_input_output(group: pd.DataFrame):
 
 def module_table(table: pd.DataFrame, tgt_index: pd.DataFrame) -> pd.DataFrame:
     """One row per forward module call, in the order calls finished: input, local and output error."""
-    mods = table[(table["kind"] == "module") & (table["direction"] == "forward")]
+    mods = table[(table["kind"] == "module") & (table["direction"] == "forward")] if not table.empty else table
     if mods.empty:
         return pd.DataFrame(columns=["scope", "module", "input_err", "local_err", "output_err",
                                      "amplification", "status", "seq"])
@@ -178,7 +178,16 @@ def find_culprit(result, tgt) -> dict | None:
     ops = [r for r in beyond_local if r["kind"] == "op"]
     if ops:  # an op whose own result, on its own inputs, differs from the reference's: most precise
         row = min(ops, key=lambda r: r["seq"])
-        return _culprit(row, row["local_rel_l2"], "op computes a wrong result from its own inputs")
+        culprit = _culprit(row, row["local_rel_l2"], "op computes a wrong result from its own inputs")
+        ins = tgt_index[(tgt_index["scope"] == row["scope"]) & (tgt_index["op_index"] == row["op_index"])
+                        & tgt_index["slot"].str.startswith("in.")]
+        strided = [f"{r['slot']} shape {r['shape']} stride {r['stride']}" for r in ins.to_dict("records")
+                   if not r["contiguous"]]
+        if strided:
+            culprit["noncontiguous_inputs"] = strided
+            culprit["why"] += ("; its non-contiguous input(s) " + ", ".join(strided) +
+                               " point at the device's strided copy (_copy_from / copy_) on the way in")
+        return culprit
     mods = [r for r in beyond_local if r["kind"] == "module"]
     if not mods:
         return _culprit_without_replay(result)

@@ -35,6 +35,8 @@ class TraceJob:
     rtol: float | None = None
     rel_l2: float | None = None
     time_plain: bool = True
+    fault: str = "none"
+    isolate: bool = True
     extra: dict = field(default_factory=dict)
 
 
@@ -53,32 +55,84 @@ def write_reports(result: DiffResult, out_dir: Path) -> None:
     (out_dir / "report.html").write_text(result.to_html())
 
 
+def _bundle(job: TraceJob):
+    return load_model(job.model, size=job.size, batch=job.batch, seq_len=job.seq_len, seed=job.seed,
+                      attention_mask=job.attention_mask)
+
+
+def capture_role(job: TraceJob, role: str, bundle=None) -> dict:
+    """Capture one side into OUT/ROLE.h5; returns its timing. Runs in the child for isolated targets."""
+    bundle = bundle or _bundle(job)
+    backend = get_backend(job.reference) if role == "reference" else get_backend(job.target, job.fault)
+    model = backend(bundle.model)
+    inputs = backend.inputs(bundle.inputs.clone())
+    timing = {}
+    if job.time_plain:
+        timing[f"{role}_plain_s"] = time_plain_forward(model, inputs, job.backward)
+    meta = {"model": job.model, "size": job.size, "seed": job.seed, "inputs": bundle.inputs.describe(),
+            "job": asdict(job), "role": role, "backend": backend.describe()}
+    result = capture(model, inputs, Path(job.out) / f"{role}.h5", level=job.level, save=job.save,
+                     backward=job.backward, module_filter=job.module_filter, metadata=meta,
+                     replay_model=bundle.model if (role == "target" and job.replay) else None)
+    timing[f"{role}_traced_s"] = result.seconds
+    if job.time_plain and timing[f"{role}_plain_s"] > 0:
+        timing[f"{role}_overhead_x"] = result.seconds / timing[f"{role}_plain_s"]
+    if backend.name == "echo_npu":
+        from tensordiff.backends.echo_npu import op_counts
+
+        timing["echo_npu_ops"] = op_counts()
+    return timing
+
+
+def _capture_isolated(job: TraceJob) -> tuple[dict, dict | None]:
+    """Capture the target in a child process; a segfault or abort there becomes a crash report."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = Path(job.out)
+    progress = out / "target.progress"
+    with open(progress, "wb") as fh:
+        env = {**os.environ, "TENSORDIFF_PROGRESS_FD": str(fh.fileno())}
+        proc = subprocess.run([sys.executable, "-m", "tensordiff.child", json.dumps(asdict(job))],
+                              env=env, pass_fds=(fh.fileno(),), capture_output=True, text=True)
+    timing_file = out / "target.timing.json"
+    timing = json.loads(timing_file.read_text()) if timing_file.exists() else {}
+    if proc.returncode == 0:
+        return timing, None
+    if proc.returncode == 2 and "error: " in proc.stderr:  # a user error in the child: say it as ours
+        from tensordiff.errors import TensordiffError
+
+        raise TensordiffError(proc.stderr.strip().splitlines()[-1].removeprefix("error: "))
+    code = proc.returncode
+    reason = (f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}")
+    lines = [l for l in progress.read_text(errors="replace").splitlines() if l.strip()]
+    last = lines[-1].split("\t") if lines else ["", ""]
+    crash = {"reason": reason, "returncode": code, "last_key": last[0], "last_source": last[1] if len(last) > 1 else "",
+             "stderr_tail": proc.stderr[-3000:]}
+    return timing, crash
+
+
 def trace_job(job: TraceJob) -> TraceOutcome:
     out_dir = Path(job.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ref_backend = get_backend(job.reference)
-    tgt_backend = get_backend(job.target)
-    bundle = load_model(job.model, size=job.size, batch=job.batch, seq_len=job.seq_len, seed=job.seed,
-                        attention_mask=job.attention_mask)
-    base_meta = {"model": job.model, "size": job.size, "seed": job.seed, "inputs": bundle.inputs.describe(),
-                 "job": asdict(job)}
-    timing = {}
-    runs = {}
-    for role, backend in (("reference", ref_backend), ("target", tgt_backend)):
-        model = backend(bundle.model)
-        inputs = backend.inputs(bundle.inputs.clone())
-        if job.time_plain:
-            timing[f"{role}_plain_s"] = time_plain_forward(model, inputs, job.backward)
-        result = capture(model, inputs, out_dir / f"{role}.h5", level=job.level, save=job.save,
-                         backward=job.backward, module_filter=job.module_filter,
-                         replay_model=bundle.model if (role == "target" and job.replay) else None,
-                         metadata={**base_meta, "role": role, "backend": backend.describe()})
-        timing[f"{role}_traced_s"] = result.seconds
-        if job.time_plain and timing[f"{role}_plain_s"] > 0:
-            timing[f"{role}_overhead_x"] = result.seconds / timing[f"{role}_plain_s"]
-        runs[role] = result
+    get_backend(job.reference)
+    bundle = _bundle(job)
+    timing = capture_role(job, "reference", bundle)
+    crash = None
+    if job.isolate:
+        target_timing, crash = _capture_isolated(job)
+    else:
+        target_timing = capture_role(job, "target", bundle)
+    timing.update(target_timing)
+    if crash is not None and not (out_dir / "target.h5").exists():
+        from tensordiff.errors import TensordiffError
+
+        raise TensordiffError(f"the target crashed before writing any trace ({crash['reason']}): "
+                              f"{crash['stderr_tail'].strip().splitlines()[-1] if crash['stderr_tail'].strip() else ''}")
     result = diff(out_dir / "reference.h5", out_dir / "target.h5", atol=job.atol, rtol=job.rtol,
-                  rel_l2=job.rel_l2, timing=timing)
+                  rel_l2=job.rel_l2, timing=timing, crash=crash)
     write_reports(result, out_dir)
     return TraceOutcome(out_dir, result)
 

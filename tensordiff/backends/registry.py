@@ -70,7 +70,21 @@ def _entry_points() -> dict:
     return {ep.name: ep for ep in entry_points(group="tensordiff.backends")}
 
 
-def get_backend(name: str) -> Backend:
+def _echo_npu(name: str, fault: str) -> Backend | None:
+    if name != "echo_npu":
+        return None
+    from tensordiff.backends.echo_npu import DEVICE, set_fault
+
+    set_fault(fault)  # builds / loads the extension and registers the device
+    return Backend(name, DEVICE, torch.float32, info={"fault": fault})
+
+
+def get_backend(name: str, fault: str = "none") -> Backend:
+    if fault != "none" and name != "echo_npu":
+        raise TensordiffError(f"--fault applies to the echo_npu target only (target is {name!r})")
+    device = _echo_npu(name, fault)
+    if device is not None:
+        return device
     builtin = _builtin(name)
     if builtin is not None:
         return builtin
@@ -92,5 +106,5 @@ def get_backend(name: str) -> Backend:
 
 
 def list_backends() -> list[str]:
-    names = [f"{d}{'-' + s if s else ''}" for d in ("cpu", "cuda") for s in _DTYPES]
+    names = [f"{d}{'-' + s if s else ''}" for d in ("cpu", "cuda") for s in _DTYPES] + ["echo_npu"]
     return names + sorted(_entry_points())

@@ -44,6 +44,7 @@ class OpProbe(TorchDispatchMode):
                 "call": int(scope.rsplit("#", 1)[1]), "op": func.name(), "op_index": index,
                 "source": user_source_line()}
         prefix = f"{scope}/op{index:04d}.{short}"
+        session.progress(f"{prefix}\t{base['source']}")
         is_view = bool(getattr(func, "is_view", False))
         flat_in, _ = tree_flatten((args, kwargs))
         slot = 0

@@ -52,6 +52,7 @@ class ModuleProbe:
         def hook(module, args, kwargs):
             call = session.next_call(name, "forward")
             session.scopes.append((name, f"{name}/forward#{call}"))
+            session.progress(f"{name}/forward#{call}")
             if session.replayer is not None and session.wants_module(name):
                 self._replay_inputs.append(session.quietly(session.replayer.to_reference, (args, kwargs)))
             if session.wants_module(name):

@@ -32,6 +32,8 @@ def local_error(tgt: torch.Tensor, ref: torch.Tensor) -> tuple[float, float] | N
     """(rel_l2, max_abs) of tgt against ref over finite elements; None if shapes differ."""
     if tuple(tgt.shape) != tuple(ref.shape) or not (tgt.is_floating_point() or tgt.is_complex()):
         return None
+    if tgt.device.type != "cpu":  # read the device's bytes back ourselves: never trust its copy
+        tgt = read_back(tgt).materialize()
     t, r = tgt.detach().to(torch.float64), ref.detach().to(torch.float64)
     both = torch.isfinite(t) & torch.isfinite(r)
     mismatch = int((~both & ~(torch.isnan(t) & torch.isnan(r))).sum()) if not bool(both.all()) else 0

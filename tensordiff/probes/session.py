@@ -10,6 +10,7 @@ The root module is called ``__root__`` (``named_modules()`` gives it the empty n
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections import defaultdict
@@ -69,6 +70,14 @@ class CaptureSession:
         self.busy = False                      # True while we compute our own stats: not user ops
         self.records = 0
         self.last_record: dict | None = None
+        # Crash breadcrumbs: "about to run X" lines written straight to a file descriptor (no Python
+        # buffering), so a process killed by the target still tells where it was.
+        fd = os.environ.get("TENSORDIFF_PROGRESS_FD")
+        self._progress_fd = int(fd) if fd else None
+
+    def progress(self, text: str) -> None:
+        if self._progress_fd is not None:
+            os.write(self._progress_fd, (text + "\n").encode())
 
     def wants_module(self, name: str) -> bool:
         return self._filter is None or bool(self._filter.search(name))

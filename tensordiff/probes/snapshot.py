@@ -115,15 +115,19 @@ def read_back(t: torch.Tensor) -> PendingTensor:
     if t.numel() == 0:
         return PendingTensor(torch.empty(0, dtype=torch.uint8), t.dtype, shape, stride)
     span = 1 + sum((s - 1) * abs(st) for s, st in zip(shape, stride) if s > 0)
+    start, nbytes = t.storage_offset() * itemsize, span * itemsize
+    if t.device.type != "cuda":
+        # A device under test may lack even `set_`: copy its whole storage as bytes (one contiguous
+        # 1-D copy through the device's own _copy_from) and cut our window out on the host.
+        host_storage = t.untyped_storage().cpu()
+        whole = torch.empty(0, dtype=torch.uint8).set_(host_storage)
+        return PendingTensor(whole[start:start + nbytes].clone(), t.dtype, shape, stride)
     dev_bytes = torch.empty(0, dtype=torch.uint8, device=t.device).set_(
-        t.untyped_storage(), t.storage_offset() * itemsize, (span * itemsize,), (1,))
-    is_cuda = t.device.type == "cuda"
-    host = torch.empty(span * itemsize, dtype=torch.uint8, pin_memory=is_cuda)
-    host.copy_(dev_bytes, non_blocking=is_cuda)
-    event = None
-    if is_cuda:
-        event = torch.cuda.Event()
-        event.record()
+        t.untyped_storage(), start, (nbytes,), (1,))
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    host.copy_(dev_bytes, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
     return PendingTensor(host, t.dtype, shape, stride, event)
 
 
