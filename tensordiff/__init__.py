@@ -17,3 +17,10 @@ def open_trace(path):
     from tensordiff.trace import open_trace as _open
 
     return _open(path)
+
+
+def diff(reference, target, **kwargs):
+    """Diff two traces -> DiffResult (.verdict, .culprit, .first_divergence, .table, .to_markdown())."""
+    from tensordiff.diff import diff as _diff
+
+    return _diff(reference, target, **kwargs)

@@ -1,0 +1,37 @@
+"""Capture overhead vs a plain forward: `python benchmarks/capture_overhead.py [--size small] [--seq-len 512]`.
+
+Prints one Markdown row per mode (plain, module+stats, module+full, both+full); paste into RESULTS.md.
+"""
+import argparse
+import tempfile
+import time
+
+import torch
+
+import tensordiff
+from tensordiff.models import load_model
+from tensordiff.tracing import time_plain_forward
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="small")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    bundle = load_model("qwen", size=args.size, seq_len=args.seq_len)
+    model = bundle.model.to(args.device)
+    inputs = tensordiff.models.Inputs((), {k: v.to(args.device) for k, v in bundle.inputs.kwargs.items()})
+    plain = time_plain_forward(model, inputs, False)
+    print(f"| mode | seconds | x plain | records |\n|---|---|---|---|\n| plain | {plain:.4f} | 1.00 | - |")
+    for level, save in (("module", "stats"), ("module", "full"), ("both", "full")):
+        with tempfile.TemporaryDirectory() as d:
+            start = time.perf_counter()
+            r = tensordiff.capture(model, inputs, f"{d}/t.h5", level=level, save=save)
+            total = time.perf_counter() - start
+            print(f"| {level}+{save} | {r.seconds:.4f} (with drain {total:.4f}) | {r.seconds / plain:.2f} | {r.records} |")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
