@@ -92,8 +92,7 @@ def _row_metrics(ref: TraceReader, tgt: TraceReader, rrow: dict, trow: dict, tol
 
 def compare_traces(ref: TraceReader, tgt: TraceReader, policy: TolerancePolicy) -> tuple[pd.DataFrame, object]:
     alignment = align(ref.index, tgt.index)
-    rindex = ref.index.to_dict("index")
-    tindex = tgt.index.to_dict("index")
+    rindex, tindex = ref.rows, tgt.rows
     rows = []
     for rkey, tkey in alignment.pairs:
         rrow, trow = rindex[rkey], tindex[tkey]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -176,7 +175,3 @@ def load_model(spec: str = "qwen", size: str = "tiny", batch: int = 1, seq_len: 
     vocab = model.config.vocab_size
     return ModelBundle(model, _token_inputs(vocab, batch, seq_len, seed, attention_mask), spec,
                        {"config": model.config.to_diff_dict()})
-
-
-def accepts_kwarg(model: torch.nn.Module, name: str) -> bool:
-    return name in inspect.signature(model.forward).parameters

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tensordiff.backends import get_backend
@@ -37,7 +37,6 @@ class TraceJob:
     time_plain: bool = True
     fault: str = "none"
     isolate: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -57,7 +57,7 @@ def default_loss(output, inputs: Inputs) -> torch.Tensor:
     raise TensordiffError("--backward: the model output has no floating-point tensor to build a loss from")
 
 
-def _sync(model) -> None:
+def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -101,7 +101,7 @@ def capture(model: torch.nn.Module, inputs, path, level: str = "module", save: s
                 stack.enter_context(OpProbe(session))
             start = time.perf_counter()
             output = _forward_then_backward(model, inputs, backward, loss_fn, session)
-            _sync(model)
+            _sync()
             seconds = time.perf_counter() - start
         writer.set_metadata(traced_seconds=seconds, replay=replayer is not None,
                             replay_failures=dict(list(replayer.failures.items())[:50]) if replayer else {})
@@ -132,7 +132,7 @@ def time_plain_forward(model, inputs: Inputs, backward: bool, repeats: int = 3) 
     for i in range(repeats + 1):
         start = time.perf_counter()
         _forward_then_backward(model, inputs, backward)
-        _sync(model)
+        _sync()
         if i:
             times.append(time.perf_counter() - start)
         model.zero_grad(set_to_none=True)

@@ -164,6 +164,6 @@ def snapshot(t: torch.Tensor, save_data: bool = True) -> Snapshot:
         stats = None  # computed by the trace writer's thread from the copy, off the model's path
     elif t.device.type in TRUSTED_DEVICES:
         stats = device_stats(t)
-    else:
-        stats = _stats_on(data.materialize())
+    else:  # the bytes are already on the host: the writer computes stats from them, like for the CPU
+        stats = None if save_data else _stats_on(data.materialize())
     return Snapshot(tensor_layout(t), stats, data if save_data else None)
