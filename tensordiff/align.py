@@ -22,11 +22,17 @@ class Alignment:
 
 
 def _ops_by_scope(index):
+    """scope -> (op indices, tokens); a token is the op name with its tensor shapes, so that two
+    different implementations are never paired on a name alone (a view of another tensor)."""
     ops = index[index["kind"] == "op"]
     table = {}
     for scope, group in ops.groupby("scope", sort=False):
-        seq = group.drop_duplicates("op_index").sort_values("op_index")
-        table[scope] = (list(seq["op_index"]), list(seq["op"]))
+        tokens = {}
+        for op_index, op, slot, shape in zip(group["op_index"], group["op"], group["slot"], group["shape"]):
+            name, shapes = tokens.setdefault(op_index, (op, []))
+            shapes.append((slot, tuple(shape)))
+        order = sorted(tokens)
+        table[scope] = (order, [(tokens[i][0], tuple(tokens[i][1])) for i in order])
     return table
 
 
@@ -56,11 +62,11 @@ def align(ref_index, tgt_index) -> Alignment:
         got_t = {m[1] for m in matched}
         for i, name in zip(r_idx, r_names):
             if i not in got_r:
-                result.unmatched_ops.append({"side": "reference", "scope": scope, "op": name, "op_index": i})
+                result.unmatched_ops.append({"side": "reference", "scope": scope, "op": name[0], "op_index": i})
                 result.ref_only += list(ref_slots[(scope, i)].values())
         for i, name in zip(t_idx, t_names):
             if i not in got_t:
-                result.unmatched_ops.append({"side": "target", "scope": scope, "op": name, "op_index": i})
+                result.unmatched_ops.append({"side": "target", "scope": scope, "op": name[0], "op_index": i})
                 result.tgt_only += list(tgt_slots[(scope, i)].values())
         for ri, ti in matched:
             rs, ts = ref_slots[(scope, ri)], tgt_slots[(scope, ti)]

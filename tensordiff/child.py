@@ -14,7 +14,7 @@ from tensordiff.run import TraceJob, capture_role
 def main() -> int:
     job = TraceJob(**json.loads(sys.argv[1]))
     try:
-        timing = capture_role(job, "target")
+        timing = capture_role(job, "target", crash_safe=True)
     except TensordiffError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

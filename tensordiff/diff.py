@@ -119,7 +119,8 @@ def compare_traces(ref: TraceReader, tgt: TraceReader, policy: TolerancePolicy) 
 
 
 def _record_summary(row: dict) -> dict:
-    return {"key": row["key"], "module": row["module"], "op": row["op"] or None, "slot": row["slot"],
+    return {"key": row["key"], "seq": int(row["seq"]), "module": row["module"], "op": row["op"] or None,
+            "slot": row["slot"],
             "max_abs": row.get("max_abs"), "rel_l2": row.get("rel_l2"), "index": row.get("worst_index"),
             "source": row.get("source") or None}
 

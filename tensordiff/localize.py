@@ -33,10 +33,11 @@ def _first_input_output(group: pd.DataFrame):
 
 def module_table(table: pd.DataFrame, tgt_index: pd.DataFrame) -> pd.DataFrame:
     """One row per forward module call, in the order calls finished: input, local and output error."""
+    empty = pd.DataFrame(columns=["scope", "module", "input_err", "local_err", "output_err", "max_abs",
+                                  "amplification", "status", "seq", "source"])
     mods = table[(table["kind"] == "module") & (table["direction"] == "forward")] if not table.empty else table
     if mods.empty:
-        return pd.DataFrame(columns=["scope", "module", "input_err", "local_err", "output_err",
-                                     "amplification", "status", "seq"])
+        return empty
     local = _local_errors(tgt_index)
     rows = []
     for scope, group in mods.groupby("scope", sort=False):
@@ -64,7 +65,7 @@ def module_table(table: pd.DataFrame, tgt_index: pd.DataFrame) -> pd.DataFrame:
                      "output_err": out_err, "max_abs": float(out["max_abs"]) if out["max_abs"] == out["max_abs"]
                      else math.nan, "amplification": amp, "status": status, "seq": int(out["seq"]),
                      "source": out.get("source", "")})
-    return pd.DataFrame(rows).sort_values("seq").reset_index(drop=True)
+    return pd.DataFrame(rows).sort_values("seq").reset_index(drop=True) if rows else empty
 
 
 def _local_errors(tgt_index: pd.DataFrame) -> dict:
@@ -141,8 +142,9 @@ def localize(result, ref, tgt) -> None:
     result.culprit = None
     if result.crash is not None:
         result.verdict = "crashed"
-    elif result.first_nan is not None:
-        result.verdict = "nan"
+    elif result.first_nan is not None and (result.first_divergence is None
+                                           or result.first_nan["seq"] <= result.first_divergence["seq"]):
+        result.verdict = "nan"  # non-finite values are where it starts, not a late consequence
     elif result.first_divergence is not None:
         result.verdict = "diverged"
     elif not (ref.complete and tgt.complete):
@@ -185,8 +187,11 @@ def find_culprit(result, tgt) -> dict | None:
                    if not r["contiguous"]]
         if strided:
             culprit["noncontiguous_inputs"] = strided
-            culprit["why"] += ("; its non-contiguous input(s) " + ", ".join(strided) +
-                               " point at the device's strided copy (_copy_from / copy_) on the way in")
+            culprit["why"] += "; non-contiguous input(s): " + ", ".join(strided)
+        experiment = row.get("layout_experiment")
+        if isinstance(experiment, str):
+            culprit["layout_experiment"] = experiment
+            culprit["why"] += "; " + experiment
         return culprit
     mods = [r for r in beyond_local if r["kind"] == "module"]
     if not mods:

@@ -59,27 +59,31 @@ def _bundle(job: TraceJob):
                       attention_mask=job.attention_mask)
 
 
-def capture_role(job: TraceJob, role: str, bundle=None) -> dict:
+def capture_role(job: TraceJob, role: str, bundle=None, crash_safe: bool = False) -> dict:
     """Capture one side into OUT/ROLE.h5; returns its timing. Runs in the child for isolated targets."""
     bundle = bundle or _bundle(job)
     backend = get_backend(job.reference) if role == "reference" else get_backend(job.target, job.fault)
     model = backend(bundle.model)
     inputs = backend.inputs(bundle.inputs.clone())
-    timing = {}
-    if job.time_plain:
-        timing[f"{role}_plain_s"] = time_plain_forward(model, inputs, job.backward)
+    if backend.name == "echo_npu":
+        from tensordiff.backends.echo_npu import load_extension
+
+        load_extension().reset_counts()
     meta = {"model": job.model, "size": job.size, "seed": job.seed, "inputs": bundle.inputs.describe(),
             "job": asdict(job), "role": role, "backend": backend.describe()}
+    # Capture first: a target that crashes must leave its trace, not die in an untraced timing run.
     result = capture(model, inputs, Path(job.out) / f"{role}.h5", level=job.level, save=job.save,
                      backward=job.backward, module_filter=job.module_filter, metadata=meta,
-                     replay_model=bundle.model if (role == "target" and job.replay) else None)
-    timing[f"{role}_traced_s"] = result.seconds
-    if job.time_plain and timing[f"{role}_plain_s"] > 0:
-        timing[f"{role}_overhead_x"] = result.seconds / timing[f"{role}_plain_s"]
-    if backend.name == "echo_npu":
+                     replay_model=bundle.model if (role == "target" and job.replay) else None,
+                     synchronous=crash_safe)
+    timing = {f"{role}_traced_s": result.seconds}
+    if backend.name == "echo_npu":  # the device's op counters, for the captured run alone
         from tensordiff.backends.echo_npu import op_counts
 
         timing["echo_npu_ops"] = op_counts()
+    if job.time_plain:
+        timing[f"{role}_plain_s"] = plain = time_plain_forward(model, inputs, job.backward)
+        timing[f"{role}_overhead_x"] = result.seconds / plain if plain > 0 else None
     return timing
 
 

@@ -63,7 +63,7 @@ class TraceWriter:
     """Streams records into one HDF5 file. Use as a context manager; ``close()`` marks it complete."""
 
     def __init__(self, path, metadata: dict, compression: str | None = None,
-                 max_pending_bytes: int = 512 << 20):
+                 max_pending_bytes: int = 512 << 20, synchronous: bool = False):
         import h5py
 
         self.path = Path(path)
@@ -86,14 +86,21 @@ class TraceWriter:
         self._max_pending = max_pending_bytes
         self._queue: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
+        # synchronous: write in the caller's thread. For targets that may crash the process: nothing
+        # acknowledged can be lost in a queue when the process dies.
+        self.synchronous = synchronous
         self._thread = threading.Thread(target=self._drain, name="tensordiff-writer", daemon=True)
-        self._thread.start()
+        if not synchronous:
+            self._thread.start()
 
     # -- producer side (the probes) ------------------------------------------------------------
     def write(self, record: dict, snap) -> None:
         """Queue one record (index fields) with its Snapshot. Blocks while too many bytes are queued."""
         if self._error is not None:
             raise self._error
+        if self.synchronous:
+            self._write_now(record, snap)
+            return
         nbytes = snap.data.raw.numel() if snap.data is not None else 0
         with self._cond:
             while self._pending_bytes > 0 and self._pending_bytes + nbytes > self._max_pending:
@@ -102,7 +109,16 @@ class TraceWriter:
         self._queue.put((record, snap, nbytes))
 
     def set_metadata(self, **items) -> None:
-        self._queue.put(("meta", items, 0))
+        if self.synchronous:
+            self._update_metadata(items)
+        else:
+            self._queue.put(("meta", items, 0))
+
+    def _update_metadata(self, items: dict) -> None:
+        meta = json.loads(self._file.attrs["metadata"])
+        meta.update(items)
+        self._file.attrs["metadata"] = json.dumps(meta, default=str)
+        self._file.flush()
 
     # -- consumer side (background thread) -----------------------------------------------------
     def _drain(self) -> None:
@@ -112,10 +128,7 @@ class TraceWriter:
                 return
             try:
                 if item[0] == "meta":
-                    meta = json.loads(self._file.attrs["metadata"])
-                    meta.update(item[1])
-                    self._file.attrs["metadata"] = json.dumps(meta, default=str)
-                    self._file.flush()
+                    self._update_metadata(item[1])
                 else:
                     self._write_now(item[0], item[1])
             except BaseException as exc:  # surfaced to the producer on its next write / close

@@ -75,7 +75,7 @@ def run_metadata(extra: dict | None = None) -> dict:
 def capture(model: torch.nn.Module, inputs, path, level: str = "module", save: str = "full",
             backward: bool = False, module_filter: str | None = None, metadata: dict | None = None,
             loss_fn=default_loss, compression: str | None = None,
-            replay_model: torch.nn.Module | None = None) -> CaptureResult:
+            replay_model: torch.nn.Module | None = None, synchronous: bool = False) -> CaptureResult:
     """Run ``model`` on ``inputs`` once with probes on, writing the trace to ``path``.
 
     With ``replay_model`` (the fp32 CPU reference), every module call (and op, at op level) is also
@@ -89,7 +89,7 @@ def capture(model: torch.nn.Module, inputs, path, level: str = "module", save: s
                          **(metadata or {})})
     if backward:
         quiet_backward_hook_warnings()
-    with TraceWriter(path, meta, compression=compression) as writer:
+    with TraceWriter(path, meta, compression=compression, synchronous=synchronous) as writer:
         from tensordiff.probes.replay import Replayer
 
         replayer = Replayer(replay_model) if replay_model is not None else None

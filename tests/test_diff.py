@@ -56,7 +56,7 @@ def _index(rows):
 
 def _op(scope, i, op, slot):
     return {"key": f"{scope}/op{i:04d}.{op}/{slot}", "kind": "op", "scope": scope, "op_index": i, "op": op,
-            "slot": slot, "module": scope.split("/")[0]}
+            "slot": slot, "module": scope.split("/")[0], "shape": [4, 4]}
 
 
 def test_alignment_survives_fused_op_and_missing_record():
@@ -64,13 +64,13 @@ def test_alignment_survives_fused_op_and_missing_record():
     ref = _index([_op(s, 0, "aten::mm", "out.0"), _op(s, 1, "aten::add.Tensor", "out.0"),
                   _op(s, 2, "aten::relu", "out.0"),
                   {"key": "m/forward#0/output.0", "kind": "module", "scope": s, "op_index": -1, "op": "",
-                   "slot": "output.0", "module": "m"},
+                   "slot": "output.0", "module": "m", "shape": [4, 4]},
                   {"key": "n/forward#0/output.0", "kind": "module", "scope": "n/forward#0", "op_index": -1,
-                   "op": "", "slot": "output.0", "module": "n"}])
+                   "op": "", "slot": "output.0", "module": "n", "shape": [4, 4]}])
     # target: mm+add fused into addmm, then relu; module n missing
     tgt = _index([_op(s, 0, "aten::addmm", "out.0"), _op(s, 1, "aten::relu", "out.0"),
                   {"key": "m/forward#0/output.0", "kind": "module", "scope": s, "op_index": -1, "op": "",
-                   "slot": "output.0", "module": "m"}])
+                   "slot": "output.0", "module": "m", "shape": [4, 4]}])
     a = align(ref, tgt)
     pairs = dict(a.pairs)
     assert pairs[f"{s}/op0002.aten::relu/out.0"] == f"{s}/op0001.aten::relu/out.0"

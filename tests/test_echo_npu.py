@@ -1,4 +1,9 @@
 """The echo_npu PrivateUse1 device (compiled on first use): clean runs match, faults are localized."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 from tensordiff.run import trace_job
@@ -7,7 +12,8 @@ from tests.conftest import make_job
 
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory):
-    return trace_job(make_job(tmp_path_factory.mktemp("npu"), target="echo_npu")).result
+    return trace_job(make_job(tmp_path_factory.mktemp("npu"), target="echo_npu", level="both",
+                              attention_mask=True)).result
 
 
 def test_clean_echo_npu_matches_cpu_with_op_counts(clean):
@@ -16,15 +22,49 @@ def test_clean_echo_npu_matches_cpu_with_op_counts(clean):
     assert logits["max_abs"] < 1e-5
     ops = clean.timing["echo_npu_ops"]
     assert ops["native"]["aten::mm"] > 0 and ops["native"]["aten::_copy_from"] > 0
+    assert ops["native"]["aten::masked_fill_.Scalar"] > 0  # the port's attention path ran on the device
     assert sum(ops["fallback"].values()) > 0
 
 
-def test_noncontig_copy_fault_blames_an_op_with_strided_input(tmp_path):
+def test_noncontig_copy_blames_the_strided_op_and_clears_the_norms(tmp_path):
     res = trace_job(make_job(tmp_path, target="echo_npu", fault="noncontig-copy", level="both")).result
-    assert res.verdict in ("diverged", "nan")
+    assert res.verdict == "diverged"
     culprit = res.culprit
-    assert culprit["op"] is not None and culprit["noncontiguous_inputs"]
-    assert "_copy_from" in culprit["why"]
-    # the norm after it computes correctly on what it gets: no local error, only carried error
-    norm = res.modules[res.modules["module"] == "model.layers.0.post_attention_layernorm"].iloc[0]
-    assert norm["local_err"] < 1e-5 and norm["status"] in ("carries", "amplifies")
+    assert culprit["noncontiguous_inputs"]
+    # the confirmation experiment: the same op on contiguous copies of its inputs is right
+    assert culprit["layout_experiment"].startswith("correct when its strided inputs are made contiguous")
+    assert culprit["source"] and "modeling_qwen3.py" in culprit["source"]
+    assert res.first_divergence["key"] == culprit["key"]  # nothing diverged before the culprit op
+    norms = res.modules[res.modules["module"].str.endswith("layernorm")]
+    bad_norms = norms[norms["output_err"] > 0.5]
+    assert len(bad_norms) >= 3                      # the error is visible at every later norm...
+    assert (bad_norms["local_err"] < 1e-5).all()    # ...and none of them made it
+    assert set(bad_norms["status"]) <= {"carries", "amplifies"}
+
+
+def test_inplace_fallback_blames_the_inplace_op(tmp_path):
+    res = trace_job(make_job(tmp_path, target="echo_npu", fault="inplace-fallback", level="both")).result
+    assert res.verdict == "diverged"
+    assert res.culprit["op"] == "aten::masked_fill_.Scalar"
+    assert res.culprit["module"] == "model.layers.0.self_attn"
+    assert res.culprit["local_error"] > 0.1
+    assert res.timing["echo_npu_ops"]["fallback"]["aten::masked_fill_.Scalar"] > 0  # went the buggy way
+
+
+def test_alloc_round_up_crash_is_survived_and_reported(tmp_path):
+    out = tmp_path / "crash"
+    proc = subprocess.run([sys.executable, "-m", "tensordiff", "trace", "--model", "qwen", "--seq-len", "64",
+                           "--target", "echo_npu", "--fault", "alloc-round-up", "--attention-mask",
+                           "--level", "both", "--out", str(out)],
+                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 1, proc.stderr
+    assert "CRASHED" in proc.stdout and "SIGABRT" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["verdict"] == "crashed"
+    crash = summary["crash"]
+    assert crash["reason"] == "killed by signal SIGABRT"
+    assert "invalid pointer" in crash["stderr_tail"]
+    assert "/op" in crash["last_key"] and crash["last_source"]   # the op that was running, and its line
+    assert summary["counts"]["target_records"] > 0              # the partial trace was diffed
+    assert summary["meta"]["target_complete"] is False
+    assert all(not r["beyond"] for r in summary["records"])     # what was captured before is clean

@@ -75,8 +75,16 @@ def _echo_npu(name: str, fault: str) -> Backend | None:
         return None
     from tensordiff.backends.echo_npu import DEVICE, set_fault
 
+    from tensordiff.backends.echo_npu.attention import use_echo_npu_attention
+
     set_fault(fault)  # builds / loads the extension and registers the device
-    return Backend(name, DEVICE, torch.float32, info={"fault": fault})
+
+    def to_device(model):
+        model = model.to(DEVICE)
+        use_echo_npu_attention(model)  # the port's own attention path (device bmm + masked_fill_)
+        return model
+
+    return Backend(name, DEVICE, torch.float32, plugin=to_device, info={"fault": fault})
 
 
 def get_backend(name: str, fault: str = "none") -> Backend:

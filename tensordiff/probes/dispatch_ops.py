@@ -14,7 +14,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from tensordiff.probes.replay import local_error, output_tensors, replayable
+from tensordiff.metrics import tolerance_for
+from tensordiff.probes.replay import layout_experiment, local_error, output_tensors, replayable
 from tensordiff.probes.session import CaptureSession, user_source_line
 
 # Ops whose only job is metadata or that tensordiff itself never needs to compare.
@@ -63,5 +64,10 @@ class OpProbe(TorchDispatchMode):
                 local = session.quietly(local_error, item, ref_out[i])
                 if local is not None:
                     rec["local_rel_l2"], rec["local_max_abs"] = local
+                    budget = tolerance_for(str(item.dtype).replace("torch.", "")).rel_l2
+                    if i == 0 and local[0] > budget:
+                        verdict = session.quietly(layout_experiment, func, args, kwargs, ref_out[0], budget)
+                        if verdict:
+                            rec["layout_experiment"] = verdict
             session.emit(rec, item, save_data=False if is_view else None)
         return out

@@ -71,6 +71,7 @@ class ModuleProbe:
         def hook(module, args, kwargs, output):
             _, scope = session.scopes.pop() if session.scopes else (None, f"{name}/forward#0")
             call = int(scope.rsplit("#", 1)[1])
+            session.progress(f"{session.current_scope()[1]} (after {scope})")
             if session.wants_module(name):
                 outs = (output,) if isinstance(output, torch.Tensor) else output
                 replayed = self._replay(name, session) if session.replayer is not None else {}

@@ -101,3 +101,38 @@ def replayable(func) -> bool:
 def output_tensors(output) -> list:
     flat, _ = tree_flatten(output)
     return [x for x in flat if isinstance(x, torch.Tensor)]
+
+
+def mutates_inputs(func) -> bool:
+    return any(a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments)
+
+
+def strided_device_inputs(args, kwargs) -> bool:
+    flat, _ = tree_flatten((args, kwargs))
+    return any(isinstance(x, torch.Tensor) and x.device.type != "cpu" and not x.is_contiguous() for x in flat)
+
+
+def layout_experiment(func, args, kwargs, ref_out: torch.Tensor, budget: float) -> str | None:
+    """An op went wrong on the device and some input is strided. Run it again on the device with those
+    inputs made contiguous (read back as bytes, re-uploaded contiguously): if the result becomes right,
+    the device mishandles strided tensors (its strided copy, _copy_from, or the kernel's stride logic)."""
+    if mutates_inputs(func) or not strided_device_inputs(args, kwargs):
+        return None
+
+    def contiguous_copy(x):
+        if isinstance(x, torch.Tensor) and x.device.type != "cpu" and not x.is_contiguous():
+            return read_back(x).materialize().to(x.device)
+        return x
+
+    try:
+        out = output_tensors(func(*tree_map(contiguous_copy, (args, kwargs))[0],
+                                  **tree_map(contiguous_copy, (args, kwargs))[1]))
+    except Exception as exc:
+        return f"re-run with contiguous inputs failed: {type(exc).__name__}"
+    err = local_error(out[0], ref_out) if out else None
+    if err is None:
+        return None
+    if err[0] <= budget:
+        return (f"correct when its strided inputs are made contiguous (local error {err[0]:.2g}): the device "
+                "mishandles strided tensors, e.g. a _copy_from / copy_ that ignores strides")
+    return f"still wrong with contiguous inputs (local error {err[0]:.2g}): not a layout problem"

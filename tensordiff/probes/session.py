@@ -21,7 +21,11 @@ import torch
 from tensordiff.probes.snapshot import snapshot
 
 ROOT = "__root__"
-_SKIP_DIRS = (str(Path(torch.__file__).parent), str(Path(__file__).resolve().parent.parent))
+_PACKAGE = Path(__file__).resolve().parent.parent
+# Frames of torch and of tensordiff's own capture machinery are never "the user's line"; backends
+# shipped in tensordiff (echo_npu's attention) are user code from the probes' point of view.
+_SKIP_DIRS = (str(Path(torch.__file__).parent), str(_PACKAGE / "probes"), str(_PACKAGE / "tracing.py"),
+              str(_PACKAGE / "run.py"), str(_PACKAGE / "child.py"))
 
 
 def user_source_line(max_depth: int = 64) -> str:
@@ -105,6 +109,6 @@ class CaptureSession:
     def emit(self, record: dict, tensor: torch.Tensor, save_data: bool | None = None) -> None:
         save = self.save_data if save_data is None else save_data
         snap = self.quietly(snapshot, tensor, save)
-        self.writer.write(record, snap)
+        self.quietly(self.writer.write, record, snap)  # a synchronous writer runs torch ops too
         self.records += 1
         self.last_record = record

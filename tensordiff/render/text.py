@@ -32,7 +32,11 @@ def headline(result) -> list[str]:
     lines = [VERDICT_TEXT.get(result.verdict, result.verdict.upper())]
     if result.crash:
         c = result.crash
-        lines.append(f"crash: {c.get('reason', '?')}; last record: {c.get('last_key') or '-'}")
+        lines.append(f"crash: {c.get('reason', '?')}; last op started: {c.get('last_key') or '-'}"
+                     + (f" at {c['last_source']}" if c.get("last_source") else ""))
+        tail = [l for l in (c.get("stderr_tail") or "").splitlines() if l.strip()]
+        if tail:
+            lines.append(f"target stderr: {tail[-1].strip()}")
     if result.culprit:
         c = result.culprit
         where = f"{c['module']}" + (f" / {c['op']}" if c.get("op") else "")

@@ -45,7 +45,7 @@ struct EchoAllocator final : c10::Allocator {
     if (g_fault.load() == ALLOC_ROUND_UP && nbytes % 64 != 0) {
       size_t rounded = (nbytes + 63) / 64 * 64;
       char* base = static_cast<char*>(std::malloc(rounded + 64));
-      void* user = base + 16;  // bookkeeping header; the deleter below is not told about it
+      void* user = base + 8;  // bookkeeping header; the deleter below is not told about it
       return {user, user, &echo_free, kDevice};
     }
     void* p = std::malloc(nbytes);
