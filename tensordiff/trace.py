@@ -9,7 +9,9 @@ Schema (``schema_version`` 1); the only module that imports h5py:
                            source, shape, dtype, device, stride, storage_offset, contiguous, has_data
     /stats                 float64 [n_records, 9]: min max mean mean_abs std l2 nan inf zero
                            (moments over finite elements; counts of NaN, Inf and exact zeros)
-    /data/<seq:07d>        the record's tensor in logical shape (row-major). Dtypes numpy lacks
+    /data/<seq:07d>        the record's tensor in logical shape (row-major). A record whose index row
+                           has ``alias_of`` shares the data and stats of that earlier record (the same
+                           tensor, unchanged in between) and has no dataset of its own. Dtypes numpy lacks
                            (bfloat16, float8) are stored bit-exactly as same-width unsigned ints, with
                            attr ``dtype`` naming the torch dtype. Absent when only stats were saved.
 
@@ -81,6 +83,7 @@ class TraceWriter:
         self._compression = compression
         self._file.flush()
         self.count = 0
+        self._seq_of: dict[str, int] = {}  # key -> seq, to resolve aliases
         self._cond = threading.Condition()
         self._pending_bytes = 0
         self._max_pending = max_pending_bytes
@@ -140,6 +143,12 @@ class TraceWriter:
 
     def _write_now(self, record: dict, snap) -> None:
         seq = self.count
+        alias = record.get("alias_of")
+        if alias is not None:  # same data as an earlier record: share its data and stats
+            original = self._seq_of[alias]
+            row = {**record, **snap.layout, "seq": seq, "has_data": True}
+            self._append(seq, row, self._stats[original])
+            return
         has_data = snap.data is not None
         host = snap.data.materialize() if has_data else None
         if has_data:
@@ -147,10 +156,14 @@ class TraceWriter:
             ds = self._data.create_dataset(f"{seq:07d}", data=arr, compression=self._compression)
             ds.attrs["dtype"] = snap.layout["dtype"]
         row = {**record, **snap.layout, "seq": seq, "has_data": has_data}
+        self._append(seq, row, snap.stats_numpy(host))
+
+    def _append(self, seq: int, row: dict, stats) -> None:
         self._index.resize((seq + 1,))
         self._index[seq] = json.dumps(row)
         self._stats.resize((seq + 1, 9))
-        self._stats[seq] = snap.stats_numpy(host)
+        self._stats[seq] = stats
+        self._seq_of[row["key"]] = seq
         self.count = seq + 1
         # Flush per record: measured here, it keeps every acknowledged record readable after SIGKILL
         # at no visible write-speed cost.
@@ -247,6 +260,9 @@ class TraceReader:
     def tensor(self, key: str) -> torch.Tensor:
         """The record's tensor on the CPU, in its original dtype and logical shape."""
         row = self.row(key)
+        alias = row.get("alias_of")
+        if isinstance(alias, str):  # same data as an earlier record (same tensor, unchanged)
+            return self.tensor(alias).reshape(row["shape"])
         name = f"{int(row['seq']):07d}"
         if name not in self._file["data"]:
             raise TensordiffError(f"{self.path}: record {key!r} was saved as stats only")

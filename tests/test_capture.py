@@ -44,3 +44,30 @@ def test_module_records_and_keys(tmp_path, qwen):
         expected = qwen.model(**qwen.inputs.kwargs).logits
     assert torch.equal(logits, expected)
     assert trace.meta["level"] == "module" and trace.meta["versions"]["torch"] == torch.__version__
+
+
+def test_unchanged_tensors_are_aliased_changed_ones_are_not(tmp_path, qwen):
+    from tensordiff.probes.session import CaptureSession
+    from tensordiff.trace import TraceWriter
+
+    buf = torch.ones(1000)
+    with TraceWriter(tmp_path / "a.h5", {}) as w:
+        s = CaptureSession(w)
+        rec = lambda k: {"key": k, "kind": "module", "direction": "forward", "module": "m", "call": 0,
+                         "scope": "m/forward#0", "op": "", "op_index": -1, "slot": k.rsplit("/", 1)[1], "source": ""}
+        s.emit(rec("m/forward#0/input.0"), buf)
+        s.emit(rec("m/forward#0/input.1"), buf)            # unchanged: alias
+        buf.data_ptr()
+        raw = torch.from_numpy(buf.numpy())                # a raw-pointer writer: no version bump
+        raw[3] = 7.0
+        s.emit(rec("m/forward#0/output.0"), buf)           # changed behind torch's back: real copy
+    trace = tensordiff.open_trace(tmp_path / "a.h5")
+    assert trace.row("m/forward#0/input.1")["alias_of"] == "m/forward#0/input.0"
+    assert not isinstance(trace.row("m/forward#0/output.0").get("alias_of"), str)
+    assert torch.equal(trace.tensor("m/forward#0/input.1"), torch.ones(1000))
+    assert trace.tensor("m/forward#0/output.0")[3] == 7.0
+    # module-level capture of a real model stores each activation once
+    tensordiff.capture(qwen.model, qwen.inputs, tmp_path / "q.h5")
+    idx = tensordiff.open_trace(tmp_path / "q.h5").index
+    aliases = idx["alias_of"].apply(lambda a: isinstance(a, str)).sum()
+    assert aliases > len(idx) // 3

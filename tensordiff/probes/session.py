@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-from tensordiff.probes.snapshot import snapshot
+from torch.utils.weak import WeakIdKeyDictionary
+
+from tensordiff.probes.snapshot import Snapshot, snapshot, tensor_layout
 
 ROOT = "__root__"
 _PACKAGE = Path(__file__).resolve().parent.parent
@@ -39,6 +41,21 @@ def user_source_line(max_depth: int = 64) -> str:
             return f"{fname}:{frame.f_lineno} in {frame.f_code.co_name}"
         frame = frame.f_back
     return ""
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter (None where it has none, e.g. inference tensors)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def _fingerprint(t: torch.Tensor) -> float | None:
+    """A float64 sum of a CPU tensor's values (None elsewhere: comparing it would need a device sync)."""
+    if t.device.type != "cpu" or t.is_complex():
+        return None
+    return float(torch.sum(t.detach(), dtype=torch.float64))
 
 
 def flatten_tensors(obj, prefix: str, depth: int = 0):
@@ -74,6 +91,7 @@ class CaptureSession:
         self.busy = False                      # True while we compute our own stats: not user ops
         self.records = 0
         self.last_record: dict | None = None
+        self._seen = WeakIdKeyDictionary()  # tensor -> (key of its saved record, version then)
         # Crash breadcrumbs: "about to run X" lines written straight to a file descriptor (no Python
         # buffering), so a process killed by the target still tells where it was.
         fd = os.environ.get("TENSORDIFF_PROGRESS_FD")
@@ -98,6 +116,17 @@ class CaptureSession:
             return "__backward__", "__backward__/backward#0"
         return ROOT, f"{ROOT}/{self.direction}#0"
 
+    def _already_captured(self, tensor: torch.Tensor) -> str | None:
+        seen = self._seen.get(tensor)
+        if seen is None or seen[1] is None or seen[1] != _version(tensor):
+            return None
+        # A kernel writing through a raw data_ptr() (kt-kernel, a custom extension) does not bump the
+        # version counter: on the CPU, where a check is cheap and sync-free, confirm the data too.
+        fingerprint = self.quietly(_fingerprint, tensor)
+        if fingerprint != seen[2] and not (fingerprint != fingerprint and seen[2] != seen[2]):
+            return None
+        return seen[0]
+
     def quietly(self, fn, *args):
         """Run our own tensor work (replays, copies) without the op probe recording it."""
         was, self.busy = self.busy, True
@@ -108,7 +137,16 @@ class CaptureSession:
 
     def emit(self, record: dict, tensor: torch.Tensor, save_data: bool | None = None) -> None:
         save = self.save_data if save_data is None else save_data
-        snap = self.quietly(snapshot, tensor, save)
+        original = self._already_captured(tensor) if save else None
+        if original is not None:
+            # The same tensor, unchanged since it was captured (a module's output is the next one's
+            # input; an op's output is the next op's input): record an alias, copy nothing.
+            record = {**record, "alias_of": original}
+            snap = Snapshot(tensor_layout(tensor), None, None)
+        else:
+            snap = self.quietly(snapshot, tensor, save)
+            if save and snap.data is not None:
+                self._seen[tensor] = (record["key"], _version(tensor), self.quietly(_fingerprint, tensor))
         self.quietly(self.writer.write, record, snap)  # a synchronous writer runs torch ops too
         self.records += 1
         self.last_record = record
