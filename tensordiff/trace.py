@@ -104,7 +104,7 @@ class TraceWriter:
         if self.synchronous:
             self._write_now(record, snap)
             return
-        nbytes = snap.data.raw.numel() if snap.data is not None else 0
+        nbytes = snap.data.raw.numel() if snap.data is not None else 0  # also stats-only host copies
         with self._cond:
             while self._pending_bytes > 0 and self._pending_bytes + nbytes > self._max_pending:
                 self._cond.wait()
@@ -149,8 +149,8 @@ class TraceWriter:
             row = {**record, **snap.layout, "seq": seq, "has_data": True}
             self._append(seq, row, self._stats[original])
             return
-        has_data = snap.data is not None
-        host = snap.data.materialize() if has_data else None
+        host = snap.data.materialize() if snap.data is not None else None
+        has_data = host is not None and snap.save
         if has_data:
             arr = _to_numpy(host)
             ds = self._data.create_dataset(f"{seq:07d}", data=arr, compression=self._compression)

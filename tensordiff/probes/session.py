@@ -145,7 +145,7 @@ class CaptureSession:
             snap = Snapshot(tensor_layout(tensor), None, None)
         else:
             snap = self.quietly(snapshot, tensor, save)
-            if save and snap.data is not None:
+            if save and snap.data is not None and snap.save:
                 self._seen[tensor] = (record["key"], _version(tensor), self.quietly(_fingerprint, tensor))
         self.quietly(self.writer.write, record, snap)  # a synchronous writer runs torch ops too
         self.records += 1

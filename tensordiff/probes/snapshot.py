@@ -9,7 +9,7 @@ corrupt the evidence. Everything is copied at capture time: a later in-place op 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -145,7 +145,7 @@ class Snapshot:
     layout: dict
     stats: torch.Tensor | None  # float64 [len(STAT_NAMES)], maybe still on the device; None: from data
     data: PendingTensor | None = None
-    extra: dict = field(default_factory=dict)
+    save: bool = True  # False: data travels only so the writer thread can compute the stats
 
     def stats_numpy(self, materialized: torch.Tensor | None = None) -> np.ndarray:
         s = self.stats if self.stats is not None else _stats_on(materialized)
@@ -158,12 +158,10 @@ TRUSTED_DEVICES = ("cpu", "cuda", "xpu", "mps")
 
 
 def snapshot(t: torch.Tensor, save_data: bool = True) -> Snapshot:
+    """Layout, stats and data of t. On the host (CPU tensors, and devices we do not trust) the copy is
+    taken here and the stats are computed from it by the trace writer's thread, off the model's path;
+    on a trusted accelerator the stats are computed there, without a sync."""
     t = t.detach()
-    data = read_back(t) if save_data or t.device.type not in TRUSTED_DEVICES else None
-    if t.device.type == "cpu" and data is not None:
-        stats = None  # computed by the trace writer's thread from the copy, off the model's path
-    elif t.device.type in TRUSTED_DEVICES:
-        stats = device_stats(t)
-    else:  # the bytes are already on the host: the writer computes stats from them, like for the CPU
-        stats = None if save_data else _stats_on(data.materialize())
-    return Snapshot(tensor_layout(t), stats, data if save_data else None)
+    if t.device.type in TRUSTED_DEVICES and t.device.type != "cpu":
+        return Snapshot(tensor_layout(t), device_stats(t), read_back(t) if save_data else None, save_data)
+    return Snapshot(tensor_layout(t), None, read_back(t), save_data)
