@@ -18,11 +18,14 @@ def main():
     ap.add_argument("--size", default="small")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = ap.parse_args()
     bundle = load_model("qwen", size=args.size, seq_len=args.seq_len)
-    model = bundle.model.to(args.device)
+    model = bundle.model.to(args.device, getattr(torch, args.dtype))
     inputs = tensordiff.models.Inputs((), {k: v.to(args.device) for k, v in bundle.inputs.kwargs.items()})
     plain = time_plain_forward(model, inputs, False)
+    print(f"{args.size} {args.dtype} on {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}), "
+          f"1 x {args.seq_len} tokens, torch {torch.__version__}")
     print(f"| mode | seconds | x plain | records |\n|---|---|---|---|\n| plain | {plain:.4f} | 1.00 | - |")
     for level, save in (("module", "stats"), ("module", "full"), ("both", "full")):
         with tempfile.TemporaryDirectory() as d:
@@ -33,5 +36,6 @@ def main():
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)
     main()
