@@ -19,6 +19,7 @@ def main():
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--modes", default="module+stats,module+full,both+full")
     args = ap.parse_args()
     bundle = load_model("qwen", size=args.size, seq_len=args.seq_len)
     model = bundle.model.to(args.device, getattr(torch, args.dtype))
@@ -27,7 +28,7 @@ def main():
     print(f"{args.size} {args.dtype} on {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}), "
           f"1 x {args.seq_len} tokens, torch {torch.__version__}")
     print(f"| mode | seconds | x plain | records |\n|---|---|---|---|\n| plain | {plain:.4f} | 1.00 | - |")
-    for level, save in (("module", "stats"), ("module", "full"), ("both", "full")):
+    for level, save in (m.split("+") for m in args.modes.split(",")):
         with tempfile.TemporaryDirectory() as d:
             start = time.perf_counter()
             r = tensordiff.capture(model, inputs, f"{d}/t.h5", level=level, save=save)
