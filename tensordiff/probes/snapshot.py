@@ -36,8 +36,7 @@ def _stats_on(x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.float64)
     x = x.reshape(-1)
     if x.numel() == 0:
-        return torch.full((len(STAT_NAMES),), float("nan"), dtype=torch.float64, device=x.device).index_fill_(
-            0, torch.tensor([6, 7, 8], device=x.device), 0.0)
+        return torch.tensor([float("nan")] * 6 + [0.0] * 3, dtype=torch.float64)  # host: nothing to sync
     if x.device.type == "cpu":
         fast = _finite_stats_cpu(x)
         if fast is not None:
@@ -52,7 +51,8 @@ def _stats_on(x: torch.Tensor) -> torch.Tensor:
     mean = total / count
     sq = (xf * xf).sum()
     var = (sq / count - mean * mean).clamp(min=0.0)
-    big = torch.tensor(float("inf"), dtype=torch.float64, device=x.device)
+    # torch.full, not torch.tensor: a host-to-device copy from pageable memory would sync every call.
+    big = torch.full((), float("inf"), dtype=torch.float64, device=x.device)
     xmin = torch.where(finite, xf, big).min()
     xmax = torch.where(finite, xf, -big).max()
     stats = torch.stack([
