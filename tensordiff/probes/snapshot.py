@@ -146,10 +146,24 @@ class Snapshot:
     stats: torch.Tensor | None  # float64 [len(STAT_NAMES)], maybe still on the device; None: from data
     data: PendingTensor | None = None
     save: bool = True  # False: data travels only so the writer thread can compute the stats
+    stats_event: object = None  # CUDA event after which the (pinned host) stats are valid
 
     def stats_numpy(self, materialized: torch.Tensor | None = None) -> np.ndarray:
+        if self.stats_event is not None:
+            self.stats_event.synchronize()  # releases the GIL: the model thread keeps launching
         s = self.stats if self.stats is not None else _stats_on(materialized)
         return s.cpu().numpy() if s.device.type != "cpu" else s.numpy()
+
+
+def _stats_to_host_async(t: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """Stats computed on the GPU, copied into pinned host memory without waiting. A blocking .cpu()
+    in the writer thread would hold the GIL while the GPU catches up and stall the model's launches."""
+    stats = device_stats(t)
+    host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+    host.copy_(stats, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
 
 
 # Devices whose own kernels we trust for reductions; anything else (a PrivateUse1 device under test)
@@ -162,6 +176,9 @@ def snapshot(t: torch.Tensor, save_data: bool = True) -> Snapshot:
     taken here and the stats are computed from it by the trace writer's thread, off the model's path;
     on a trusted accelerator the stats are computed there, without a sync."""
     t = t.detach()
+    if t.device.type == "cuda":
+        stats, event = _stats_to_host_async(t)
+        return Snapshot(tensor_layout(t), stats, read_back(t) if save_data else None, save_data, event)
     if t.device.type in TRUSTED_DEVICES and t.device.type != "cpu":
         return Snapshot(tensor_layout(t), device_stats(t), read_back(t) if save_data else None, save_data)
     return Snapshot(tensor_layout(t), None, read_back(t), save_data)
