@@ -42,6 +42,8 @@ def headline(result) -> list[str]:
         where = f"{c['module']}" + (f" / {c['op']}" if c.get("op") else "")
         lines.append(f"culprit: {where} (local error {fmt(c.get('local_error'))})"
                      + (f" at {c['source']}" if c.get("source") else ""))
+        if c.get("why"):
+            lines.append(f"why: {c['why']}")
     if result.first_divergence:
         d = result.first_divergence
         lines.append(f"first divergence: {d['key']} (max |diff| {fmt(d['max_abs'])}, rel L2 {fmt(d['rel_l2'])}, "
