@@ -23,6 +23,14 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of 
     _state["debug"] = debug
 
 
+def _judge_mode(judge: str) -> bool:
+    from tensordiff.errors import TensordiffError
+
+    if judge not in ("tolerance", "fp64"):
+        raise TensordiffError(f"unknown --judge {judge!r}; choose tolerance or fp64")
+    return judge == "fp64"
+
+
 def _exit_for(verdict: str) -> int:
     return EXIT_MATCH if verdict == "match" else EXIT_FOUND
 
@@ -47,6 +55,9 @@ def trace(
     attention_mask: bool = typer.Option(False, help="Pass a padded attention mask."),
     atol: Optional[float] = typer.Option(None, help="Override absolute tolerance."),
     rtol: Optional[float] = typer.Option(None, help="Override relative tolerance."),
+    judge: str = typer.Option("tolerance", help="tolerance | fp64: also run the reference in float64 and "
+                                                "in the target's dtype, and call a record wrong only when "
+                                                "the target's error to fp64 clearly exceeds that noise floor."),
 ):
     """Capture the reference and the target, diff them, write traces and reports into --out."""
     from tensordiff.render.console import render_console
@@ -55,7 +66,7 @@ def trace(
     job = TraceJob(model=model, target=target, reference=reference, out=str(out), size=size, batch=batch,
                    seq_len=seq_len, seed=seed, level=level, save=save, backward=backward,
                    module_filter=filter, attention_mask=attention_mask, atol=atol, rtol=rtol, fault=fault,
-                   isolate=isolate)
+                   isolate=isolate, judge_fp64=_judge_mode(judge))
     outcome = trace_job(job)
     render_console(outcome.result)
     typer.echo(f"wrote {out}/reference.h5, target.h5, summary.json, report.md, report.html")

@@ -90,7 +90,28 @@ def _row_metrics(ref: TraceReader, tgt: TraceReader, rrow: dict, trow: dict, tol
     return _metrics_from_stats(rrow, trow)
 
 
-def compare_traces(ref: TraceReader, tgt: TraceReader, policy: TolerancePolicy) -> tuple[pd.DataFrame, object]:
+# fp64 judge (torch's accuracy minifier rule, `same(..., fp64_ref)`): wrong when the target's error to
+# fp64 exceeds MULTIPLIER x the noise floor's error to fp64 plus a tenth of the tolerance.
+JUDGE_MULTIPLIER = 2.0
+
+
+def _judge(judge: dict, key: str, trow: dict, tol: Tolerance, tgt: TraceReader) -> dict:
+    """Errors to an fp64 run of the reference: the target's, and the noise floor's (the reference
+    implementation run in the target's dtype, so bf16 rounding is not called a bug)."""
+    fp64, floor = judge["fp64"], judge["floor"]
+    if key not in fp64.rows or key not in floor.rows or not trow["has_data"]:
+        return {}
+    exact = fp64.tensor(key)
+    if not exact.is_floating_point() or list(exact.shape) != list(trow["shape"]):
+        return {}
+    err_tgt = compare(exact, tgt.tensor(key), tol)["rel_l2"]
+    err_floor = compare(exact, floor.tensor(key), tol)["rel_l2"]
+    wrong = err_tgt > JUDGE_MULTIPLIER * err_floor + tol.rel_l2 / 10
+    return {"fp64_err_tgt": err_tgt, "fp64_err_floor": err_floor, "fp64_wrong": wrong}
+
+
+def compare_traces(ref: TraceReader, tgt: TraceReader, policy: TolerancePolicy,
+                   judge: dict | None = None) -> tuple[pd.DataFrame, object]:
     alignment = align(ref.index, tgt.index)
     rindex, tindex = ref.rows, tgt.rows
     rows = []
@@ -98,6 +119,7 @@ def compare_traces(ref: TraceReader, tgt: TraceReader, policy: TolerancePolicy) 
         rrow, trow = rindex[rkey], tindex[tkey]
         tol = policy.for_record(tkey, trow["dtype"])
         m = _row_metrics(ref, tgt, rrow, trow, tol)
+        judged = _judge(judge, tkey, trow, tol, tgt) if judge else {}
         rows.append({
             "key": tkey, "ref_key": rkey, "seq": trow["seq"], "kind": trow["kind"],
             "direction": trow["direction"], "module": trow["module"], "scope": trow["scope"],
@@ -110,7 +132,8 @@ def compare_traces(ref: TraceReader, tgt: TraceReader, policy: TolerancePolicy) 
             **{k: v for k, v in m.items()},
             "worst_index": unravel(m.get("worst_flat", -1), trow["shape"]),
             "atol": tol.atol, "rtol": tol.rtol, "tol_rel_l2": tol.rel_l2,
-            "beyond": beyond(m, tol),
+            "beyond": judged["fp64_wrong"] or m.get("nonfinite_mismatch", 0) > 0 if judged else beyond(m, tol),
+            **judged,
         })
     table = pd.DataFrame(rows)
     if not table.empty:
@@ -144,8 +167,11 @@ def first_nan(table: pd.DataFrame) -> dict | None:
 
 
 def diff(reference, target, atol: float | None = None, rtol: float | None = None, rel_l2: float | None = None,
-         per_pattern: tuple = (), crash: dict | None = None, timing: dict | None = None) -> DiffResult:
-    """Diff two trace files (paths or open readers)."""
+         per_pattern: tuple = (), crash: dict | None = None, timing: dict | None = None,
+         fp64=None, floor=None) -> DiffResult:
+    """Diff two trace files (paths or open readers). With ``fp64`` (a trace of the reference in
+    float64) and ``floor`` (the reference in the target's dtype), records are judged by the fp64 rule
+    instead of the plain tolerance: noise in the target's precision is not a divergence."""
     ref = reference if isinstance(reference, TraceReader) else open_trace(reference)
     tgt = target if isinstance(target, TraceReader) else open_trace(target)
     default = None
@@ -154,7 +180,11 @@ def diff(reference, target, atol: float | None = None, rtol: float | None = None
         default = Tolerance(atol if atol is not None else base.atol, rtol if rtol is not None else base.rtol,
                             rel_l2 if rel_l2 is not None else base.rel_l2)
     policy = TolerancePolicy(default, tuple(per_pattern))
-    table, alignment = compare_traces(ref, tgt, policy)
+    judge = None
+    if fp64 is not None and floor is not None:
+        judge = {"fp64": fp64 if isinstance(fp64, TraceReader) else open_trace(fp64),
+                 "floor": floor if isinstance(floor, TraceReader) else open_trace(floor)}
+    table, alignment = compare_traces(ref, tgt, policy, judge)
     from tensordiff.localize import localize
 
     result = DiffResult(verdict="match", reference=str(ref.path), target=str(tgt.path), table=table,
@@ -167,7 +197,9 @@ def diff(reference, target, atol: float | None = None, rtol: float | None = None
     tgt_dtypes = sorted(set(table["tgt_dtype"])) if not table.empty else []
     result.tolerances = {"default": vars(default) if default else
                          {d: vars(tolerance_for(d)) for d in tgt_dtypes},
-                         "per_pattern": {p: vars(t) for p, t in per_pattern}}
+                         "per_pattern": {p: vars(t) for p, t in per_pattern},
+                         "judge": (f"fp64: wrong when err(target, fp64) > {JUDGE_MULTIPLIER} x err(reference in "
+                                   "target dtype, fp64) + rel_l2 / 10") if judge else "tolerance"}
     result.counts = {"reference_records": len(ref.index), "target_records": len(tgt.index),
                      "matched": len(table), "beyond_tolerance": int(table["beyond"].sum()) if len(table) else 0,
                      "reference_only": len(alignment.ref_only), "target_only": len(alignment.tgt_only)}

@@ -36,6 +36,7 @@ class TraceJob:
     rel_l2: float | None = None
     time_plain: bool = True
     fault: str = "none"
+    judge_fp64: bool = False
     isolate: bool = True
 
 
@@ -117,6 +118,27 @@ def _capture_isolated(job: TraceJob) -> tuple[dict, dict | None]:
     return timing, crash
 
 
+def _judge_traces(job: TraceJob, bundle) -> dict:
+    """Traces for the fp64 judge: the reference in float64, and the reference in the target's dtype
+    (the noise floor of that precision). Module level, no replay: only the values are needed."""
+    import torch
+
+    from tensordiff.backends.registry import Backend
+
+    from tensordiff.trace import open_trace
+
+    with open_trace(Path(job.out) / "target.h5") as target:
+        tgt_dtype = getattr(torch, target.meta.get("backend", {}).get("dtype", "float32"))
+    paths = {}
+    for name, dtype in (("fp64", torch.float64), ("floor", tgt_dtype)):
+        backend = Backend(f"cpu-{name}", "cpu", dtype)
+        paths[name] = Path(job.out) / f"judge_{name}.h5"
+        capture(backend(bundle.model), backend.inputs(bundle.inputs.clone()), paths[name], level="module",
+                save="full", backward=job.backward, module_filter=job.module_filter,
+                metadata={"model": job.model, "role": f"judge-{name}"})
+    return paths
+
+
 def trace_job(job: TraceJob) -> TraceOutcome:
     out_dir = Path(job.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -134,8 +156,9 @@ def trace_job(job: TraceJob) -> TraceOutcome:
 
         raise TensordiffError(f"the target crashed before writing any trace ({crash['reason']}): "
                               f"{crash['stderr_tail'].strip().splitlines()[-1] if crash['stderr_tail'].strip() else ''}")
+    judge = _judge_traces(job, bundle) if job.judge_fp64 else {}
     result = diff(out_dir / "reference.h5", out_dir / "target.h5", atol=job.atol, rtol=job.rtol,
-                  rel_l2=job.rel_l2, timing=timing, crash=crash)
+                  rel_l2=job.rel_l2, timing=timing, crash=crash, **judge)
     write_reports(result, out_dir)
     return TraceOutcome(out_dir, result)
 

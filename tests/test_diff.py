@@ -108,3 +108,20 @@ def test_html_escapes_module_names(tmp_path):
     assert "<script>alert" not in html
     md = (tmp_path / "run" / "report.md").read_text()
     assert "<script>" not in md
+
+
+@pytest.mark.parametrize("target, verdict", [
+    ("cpu-bf16", "match"),
+    ("cpu-fp16", "match"),
+    (f"{PLUGINS}/planted.py:scale_layer1_attention", "diverged"),
+])
+def test_fp64_judge(tmp_path, target, verdict):
+    res = trace_job(make_job(tmp_path, target=target, judge_fp64=True)).result
+    assert res.verdict == verdict
+    logits = res.table[res.table["key"] == "__root__/forward#0/output.logits"].iloc[0]
+    assert logits["fp64_err_tgt"] > 0 and logits["fp64_err_floor"] >= 0
+    if verdict == "diverged":
+        assert res.culprit["module"] == "model.layers.1.self_attn"
+        assert res.first_divergence["key"].startswith("model.layers.1.self_attn")
+    else:  # bf16/fp16 error to fp64 is at the level of that dtype's own rounding
+        assert logits["fp64_err_tgt"] < 2 * logits["fp64_err_floor"] + logits["tol_rel_l2"] / 10

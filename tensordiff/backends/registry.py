@@ -8,7 +8,7 @@ import torch
 
 from tensordiff.errors import TensordiffError
 
-_DTYPES = {"": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = {"": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
 def _cast_floats(obj, device, dtype):
