@@ -23,6 +23,25 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of 
     _state["debug"] = debug
 
 
+def _parse_tolerances(specs: list[str]) -> tuple:
+    """--tol 'PATTERN=REL_L2' or 'PATTERN=ATOL,RTOL,REL_L2' (fnmatch on record keys, first match wins)."""
+    from tensordiff.errors import TensordiffError
+    from tensordiff.metrics import Tolerance, tolerance_for
+
+    out = []
+    for spec in specs or []:
+        pattern, sep, numbers = spec.rpartition("=")
+        try:
+            values = [float(v) for v in numbers.split(",")]
+        except ValueError:
+            values = []
+        if not sep or not pattern or len(values) not in (1, 3):
+            raise TensordiffError(f"bad --tol {spec!r}: expected PATTERN=REL_L2 or PATTERN=ATOL,RTOL,REL_L2")
+        base = tolerance_for("float32")
+        out.append((pattern, Tolerance(base.atol, base.rtol, values[0]) if len(values) == 1 else Tolerance(*values)))
+    return tuple(out)
+
+
 def _judge_mode(judge: str) -> bool:
     from tensordiff.errors import TensordiffError
 
@@ -58,6 +77,8 @@ def trace(
     judge: str = typer.Option("tolerance", help="tolerance | fp64: also run the reference in float64 and "
                                                 "in the target's dtype, and call a record wrong only when "
                                                 "the target's error to fp64 clearly exceeds that noise floor."),
+    tol: Optional[list[str]] = typer.Option(None, "--tol", help="Per-record tolerance: 'PATTERN=REL_L2' or "
+                                            "'PATTERN=ATOL,RTOL,REL_L2' (fnmatch on keys; repeatable)."),
 ):
     """Capture the reference and the target, diff them, write traces and reports into --out."""
     from tensordiff.render.console import render_console
@@ -66,7 +87,7 @@ def trace(
     job = TraceJob(model=model, target=target, reference=reference, out=str(out), size=size, batch=batch,
                    seq_len=seq_len, seed=seed, level=level, save=save, backward=backward,
                    module_filter=filter, attention_mask=attention_mask, atol=atol, rtol=rtol, fault=fault,
-                   isolate=isolate, judge_fp64=_judge_mode(judge))
+                   isolate=isolate, judge_fp64=_judge_mode(judge), per_pattern=_parse_tolerances(tol))
     outcome = trace_job(job)
     render_console(outcome.result)
     typer.echo(f"wrote {out}/reference.h5, target.h5, summary.json, report.md, report.html")
@@ -115,13 +136,15 @@ def diff_cmd(
     rtol: Optional[float] = typer.Option(None, help="Relative tolerance for every record."),
     rel_l2: Optional[float] = typer.Option(None, help="Relative L2 budget for calling a record diverged."),
     format: str = typer.Option("console", "--format", help="console | md | html | json"),
+    tol: Optional[list[str]] = typer.Option(None, "--tol", help="Per-record tolerance: 'PATTERN=REL_L2' or "
+                                            "'PATTERN=ATOL,RTOL,REL_L2' (fnmatch on keys; repeatable)."),
 ):
     """Diff two existing traces."""
     from tensordiff.diff import diff
     from tensordiff.run import write_reports
 
     _check_format(format)
-    result = diff(reference, target, atol=atol, rtol=rtol, rel_l2=rel_l2)
+    result = diff(reference, target, atol=atol, rtol=rtol, rel_l2=rel_l2, per_pattern=_parse_tolerances(tol))
     if out is not None:
         write_reports(result, out)
     _emit(result, format)

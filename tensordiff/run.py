@@ -37,6 +37,7 @@ class TraceJob:
     time_plain: bool = True
     fault: str = "none"
     judge_fp64: bool = False
+    per_pattern: tuple = ()  # ((fnmatch pattern, Tolerance), ...)
     isolate: bool = True
 
 
@@ -158,7 +159,7 @@ def trace_job(job: TraceJob) -> TraceOutcome:
                               f"{crash['stderr_tail'].strip().splitlines()[-1] if crash['stderr_tail'].strip() else ''}")
     judge = _judge_traces(job, bundle) if job.judge_fp64 else {}
     result = diff(out_dir / "reference.h5", out_dir / "target.h5", atol=job.atol, rtol=job.rtol,
-                  rel_l2=job.rel_l2, timing=timing, crash=crash, **judge)
+                  rel_l2=job.rel_l2, per_pattern=job.per_pattern, timing=timing, crash=crash, **judge)
     write_reports(result, out_dir)
     return TraceOutcome(out_dir, result)
 

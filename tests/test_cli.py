@@ -67,3 +67,16 @@ def test_corrupt_trace_is_one_line(tmp_path):
     bad.write_text("garbage")
     proc = run_cli("inspect", str(bad))
     assert proc.returncode == 2 and "bad.h5" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_per_pattern_tolerance(bug_run):
+    out, _ = bug_run
+    ref, tgt = str(out / "reference.h5"), str(out / "target.h5")
+    loose = run_cli("diff", ref, tgt, "--tol", "*=0.05", "--format", "json")
+    assert loose.returncode == 0 and json.loads(loose.stdout)["verdict"] == "match"
+    partly = run_cli("diff", ref, tgt, "--tol", "model.layers.1.self_attn*=0.05", "--format", "json")
+    summary = json.loads(partly.stdout)
+    assert partly.returncode == 1
+    assert not summary["first_divergence"]["key"].startswith("model.layers.1.self_attn")
+    bad = run_cli("diff", ref, tgt, "--tol", "nonsense")
+    assert bad.returncode == 2 and "--tol" in bad.stderr
