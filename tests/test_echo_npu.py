@@ -68,3 +68,28 @@ def test_alloc_round_up_crash_is_survived_and_reported(tmp_path):
     assert summary["counts"]["target_records"] > 0              # the partial trace was diffed
     assert summary["meta"]["target_complete"] is False
     assert all(not r["beyond"] for r in summary["records"])     # what was captured before is clean
+
+
+def test_qwen_forward_backward_and_generate_on_the_device():
+    import copy
+
+    from tensordiff.backends.registry import get_backend
+    from tensordiff.models import load_model
+    from tensordiff.tracing import default_loss
+
+    bundle = load_model("qwen", seq_len=16)
+    backend = get_backend("echo_npu")
+    model = backend(bundle.model)
+    inputs = backend.inputs(bundle.inputs.clone())
+    assert next(model.parameters()).device.type == "echo_npu"
+    loss = default_loss(model(**inputs.kwargs), inputs)
+    loss.backward()
+    ref = copy.deepcopy(bundle.model)
+    ref_loss = default_loss(ref(**bundle.inputs.kwargs), bundle.inputs)
+    ref_loss.backward()
+    assert abs(loss.item() - ref_loss.item()) < 1e-5
+    assert (model.lm_head.weight.grad.cpu() - ref.lm_head.weight.grad).abs().max() < 1e-5
+    ids = bundle.inputs.kwargs["input_ids"][:, :8]
+    out = model.generate(input_ids=ids.to("echo_npu"), max_new_tokens=6, do_sample=False, use_cache=True)
+    expected = ref.generate(input_ids=ids, max_new_tokens=6, do_sample=False, use_cache=True)
+    assert out.cpu().tolist() == expected.tolist()
