@@ -93,3 +93,16 @@ def test_qwen_forward_backward_and_generate_on_the_device():
     out = model.generate(input_ids=ids.to("echo_npu"), max_new_tokens=6, do_sample=False, use_cache=True)
     expected = ref.generate(input_ids=ids, max_new_tokens=6, do_sample=False, use_cache=True)
     assert out.cpu().tolist() == expected.tolist()
+
+
+def test_device_module_target_runs_any_privateuse1_extension(tmp_path):
+    res = trace_job(make_job(tmp_path, target="device:tensordiff.backends.echo_npu.register")).result
+    assert res.verdict == "match"
+    assert res.meta["target"]["backend"]["device"] == "echo_npu"
+
+
+def test_device_module_that_does_not_exist_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tensordiff", "trace", "--target", "device:no_such_npu_pkg",
+                           "--out", str(tmp_path / "x"), "--seq-len", "16"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "no_such_npu_pkg" in proc.stderr

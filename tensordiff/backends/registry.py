@@ -87,10 +87,35 @@ def _echo_npu(name: str, fault: str) -> Backend | None:
     return Backend(name, DEVICE, torch.float32, plugin=to_device, info={"fault": fault})
 
 
+def _device_module(name: str) -> Backend | None:
+    """``device:MODULE``: import a PrivateUse1 extension (importing it registers its device, as
+    torch_npu does) and run on that device. One PrivateUse1 backend per process: `trace` runs the
+    target in its own child process."""
+    if not name.startswith("device:"):
+        return None
+    import importlib
+    import sys
+
+    module = name.split(":", 1)[1]
+    if "" not in sys.path:
+        sys.path.insert(0, "")  # modules next to where the user runs the command
+    try:
+        importlib.import_module(module)
+    except Exception as exc:
+        raise TensordiffError(f"--target {name}: cannot import {module!r}: {type(exc).__name__}: {exc}") from None
+    device = torch._C._get_privateuse1_backend_name()
+    try:
+        torch.empty(1, device=device)
+    except Exception as exc:
+        raise TensordiffError(f"--target {name}: importing {module!r} registered no usable PrivateUse1 device "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    return Backend(name, device, torch.float32, info={"module": module})
+
+
 def get_backend(name: str, fault: str = "none") -> Backend:
     if fault != "none" and name != "echo_npu":
         raise TensordiffError(f"--fault applies to the echo_npu target only (target is {name!r})")
-    device = _echo_npu(name, fault)
+    device = _echo_npu(name, fault) or _device_module(name)
     if device is not None:
         return device
     builtin = _builtin(name)
