@@ -87,6 +87,7 @@ class TraceWriter:
         self.count = 0
         self._seq_of: dict[str, int] = {}  # key -> seq, to resolve aliases
         self._stats_by_seq: dict[int, np.ndarray] = {}
+        self._has_data_by_seq: dict[int, bool] = {}
         self._rows_pending: list = []  # (index JSON, stats) not yet committed to the file
         self._committed = 0
         self._cond = threading.Condition()
@@ -97,6 +98,7 @@ class TraceWriter:
         # synchronous: write in the caller's thread. For targets that may crash the process: nothing
         # acknowledged can be lost in a queue when the process dies.
         self.synchronous = synchronous
+        self.before_block = lambda: None  # called before write() waits for the queue to drain
         self._thread = threading.Thread(target=self._drain, name="tensordiff-writer", daemon=True)
         if not synchronous:
             self._thread.start()
@@ -111,6 +113,8 @@ class TraceWriter:
             return
         nbytes = snap.data.raw.numel() if snap.data is not None else 0  # also stats-only host copies
         with self._cond:
+            if self._pending_bytes > 0 and self._pending_bytes + nbytes > self._max_pending:
+                self.before_block()  # e.g. compute batched stats the queued records wait for
             while self._pending_bytes > 0 and self._pending_bytes + nbytes > self._max_pending:
                 self._cond.wait()
             self._pending_bytes += nbytes
@@ -160,7 +164,7 @@ class TraceWriter:
         alias = record.get("alias_of")
         if alias is not None:  # same data as an earlier record: share its data and stats
             original = self._seq_of[alias]
-            row = {**record, **snap.layout, "seq": seq, "has_data": True}
+            row = {**record, **snap.layout, "seq": seq, "has_data": self._has_data_by_seq[original]}
             self._append(seq, row, self._stats_by_seq[original])
             return
         host = snap.data.materialize() if snap.data is not None else None
@@ -175,6 +179,7 @@ class TraceWriter:
     def _append(self, seq: int, row: dict, stats) -> None:
         self._rows_pending.append((json.dumps(row), np.asarray(stats, dtype=np.float64)))
         self._stats_by_seq[seq] = self._rows_pending[-1][1]
+        self._has_data_by_seq[seq] = row["has_data"]
         self._seq_of[row["key"]] = seq
         self.count = seq + 1
         if self.synchronous:

@@ -101,6 +101,7 @@ def capture(model: torch.nn.Module, inputs, path, level: str = "module", save: s
                 stack.enter_context(OpProbe(session))
             start = time.perf_counter()
             output = _forward_then_backward(model, inputs, backward, loss_fn, session)
+            session.flush_stats()
             _sync()
             seconds = time.perf_counter() - start
         writer.set_metadata(traced_seconds=seconds, replay=replayer is not None,

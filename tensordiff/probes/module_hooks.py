@@ -72,6 +72,8 @@ class ModuleProbe:
             _, scope = session.scopes.pop() if session.scopes else (None, f"{name}/forward#0")
             call = int(scope.rsplit("#", 1)[1])
             session.progress(f"{session.current_scope()[1]} (after {scope})")
+            if not session.scopes:
+                session.flush_stats()  # end of a root forward: no stats wait past it
             if session.wants_module(name):
                 outs = (output,) if isinstance(output, torch.Tensor) else output
                 replayed = self._replay(name, session) if session.replayer is not None else {}

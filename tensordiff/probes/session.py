@@ -20,6 +20,7 @@ import torch
 
 from torch.utils.weak import WeakIdKeyDictionary
 
+from tensordiff.probes.gpu_stats import StatsBatcher
 from tensordiff.probes.snapshot import Snapshot, snapshot, tensor_layout
 
 ROOT = "__root__"
@@ -91,7 +92,10 @@ class CaptureSession:
         self.busy = False                      # True while we compute our own stats: not user ops
         self.records = 0
         self.last_record: dict | None = None
-        self._seen = WeakIdKeyDictionary()  # tensor -> (key of its saved record, version then)
+        self._seen = WeakIdKeyDictionary()  # tensor -> (key, version, CPU checksum, data saved?)
+        # GPU stats, many tensors per kernel; not with a synchronous writer, which would wait on itself
+        self.batcher = None if getattr(writer, "synchronous", False) else StatsBatcher()
+        writer.before_block = self.flush_stats  # never let the writer wait on stats not yet computed
         # Crash breadcrumbs: "about to run X" lines written straight to a file descriptor (no Python
         # buffering), so a process killed by the target still tells where it was.
         fd = os.environ.get("TENSORDIFF_PROGRESS_FD")
@@ -116,9 +120,9 @@ class CaptureSession:
             return "__backward__", "__backward__/backward#0"
         return ROOT, f"{ROOT}/{self.direction}#0"
 
-    def _already_captured(self, tensor: torch.Tensor) -> str | None:
+    def _already_captured(self, tensor: torch.Tensor, need_data: bool) -> str | None:
         seen = self._seen.get(tensor)
-        if seen is None or seen[1] is None or seen[1] != _version(tensor):
+        if seen is None or seen[1] is None or seen[1] != _version(tensor) or (need_data and not seen[3]):
             return None
         # A kernel writing through a raw data_ptr() (kt-kernel, a custom extension) does not bump the
         # version counter: on the CPU, where a check is cheap and sync-free, confirm the data too.
@@ -126,6 +130,10 @@ class CaptureSession:
         if fingerprint != seen[2] and not (fingerprint != fingerprint and seen[2] != seen[2]):
             return None
         return seen[0]
+
+    def flush_stats(self) -> None:
+        if self.batcher is not None:
+            self.quietly(self.batcher.flush)
 
     def quietly(self, fn, *args):
         """Run our own tensor work (replays, copies) without the op probe recording it."""
@@ -137,16 +145,16 @@ class CaptureSession:
 
     def emit(self, record: dict, tensor: torch.Tensor, save_data: bool | None = None) -> None:
         save = self.save_data if save_data is None else save_data
-        original = self._already_captured(tensor) if save else None
+        original = self._already_captured(tensor, save)
         if original is not None:
             # The same tensor, unchanged since it was captured (a module's output is the next one's
             # input; an op's output is the next op's input): record an alias, copy nothing.
             record = {**record, "alias_of": original}
             snap = Snapshot(tensor_layout(tensor), None, None)
         else:
-            snap = self.quietly(snapshot, tensor, save)
-            if save and snap.data is not None and snap.save:
-                self._seen[tensor] = (record["key"], _version(tensor), self.quietly(_fingerprint, tensor))
+            snap = self.quietly(snapshot, tensor, save, self.batcher)
+            self._seen[tensor] = (record["key"], _version(tensor), self.quietly(_fingerprint, tensor),
+                                  snap.data is not None and snap.save)
         self.quietly(self.writer.write, record, snap)  # a synchronous writer runs torch ops too
         self.records += 1
         self.last_record = record

@@ -149,6 +149,8 @@ class Snapshot:
     stats_event: object = None  # CUDA event after which the (pinned host) stats are valid
 
     def stats_numpy(self, materialized: torch.Tensor | None = None) -> np.ndarray:
+        if hasattr(self.stats, "numpy") and not isinstance(self.stats, torch.Tensor):
+            return self.stats.numpy()  # a gpu_stats.StatsSlot, filled by a batched flush
         if self.stats_event is not None:
             self.stats_event.synchronize()  # releases the GIL: the model thread keeps launching
         s = self.stats if self.stats is not None else _stats_on(materialized)
@@ -171,11 +173,13 @@ def _stats_to_host_async(t: torch.Tensor) -> tuple[torch.Tensor, object]:
 TRUSTED_DEVICES = ("cpu", "cuda", "xpu", "mps")
 
 
-def snapshot(t: torch.Tensor, save_data: bool = True) -> Snapshot:
+def snapshot(t: torch.Tensor, save_data: bool = True, batcher=None) -> Snapshot:
     """Layout, stats and data of t. On the host (CPU tensors, and devices we do not trust) the copy is
     taken here and the stats are computed from it by the trace writer's thread, off the model's path;
     on a trusted accelerator the stats are computed there, without a sync."""
     t = t.detach()
+    if t.device.type == "cuda" and batcher is not None:
+        return Snapshot(tensor_layout(t), batcher.add(t), read_back(t) if save_data else None, save_data)
     if t.device.type == "cuda":
         stats, event = _stats_to_host_async(t)
         return Snapshot(tensor_layout(t), stats, read_back(t) if save_data else None, save_data, event)
