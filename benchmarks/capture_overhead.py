@@ -28,6 +28,13 @@ def main():
     print(f"{args.size} {args.dtype} on {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}), "
           f"1 x {args.seq_len} tokens, torch {torch.__version__}")
     print(f"| mode | seconds | x plain | records |\n|---|---|---|---|\n| plain | {plain:.4f} | 1.00 | - |")
+    # The floor of any Python hook approach: a pre- and post-hook doing nothing, on every module.
+    handles = [h for mod in model.modules() for h in (mod.register_forward_pre_hook(lambda *a: None),
+                                                      mod.register_forward_hook(lambda *a: None))]
+    hooks = time_plain_forward(model, inputs, False)
+    for h in handles:
+        h.remove()
+    print(f"| empty hooks on every module | {hooks:.4f} | {hooks / plain:.2f} | - |")
     for level, save in (m.split("+") for m in args.modes.split(",")):
         with tempfile.TemporaryDirectory() as d:
             start = time.perf_counter()
