@@ -19,6 +19,9 @@ import torch
 
 MAX_TENSORS = 128
 MAX_BYTES = 256 << 20
+# Above this many elements a tensor gets its own plain reductions: they run at memory bandwidth,
+# while one huge segment in segment_reduce is slow (measured on the H100: see benchmarks/RESULTS.md).
+LARGE = 1 << 22
 
 
 class StatsSlot:
@@ -86,6 +89,16 @@ class StatsBatcher:
         if not t.is_floating_point():
             t = t.to(torch.float32)
         slot = StatsSlot()
+        if t.numel() > LARGE:
+            from tensordiff.probes.snapshot import _stats_on
+
+            stats = _stats_on(t).reshape(1, -1)
+            host = torch.empty(stats.shape, dtype=torch.float64, pin_memory=True)
+            host.copy_(stats, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            slot.fill(host, 0, event)
+            return slot
         self._pending.append((t.reshape(-1), slot))
         self._bytes += t.numel() * t.element_size()
         if len(self._pending) >= self.max_tensors or self._bytes >= self.max_bytes:
