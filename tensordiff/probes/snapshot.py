@@ -45,18 +45,22 @@ def _stats_on(x: torch.Tensor) -> torch.Tensor:
     nan = torch.isnan(x).sum()
     n_finite = finite.sum()
     inf = x.numel() - n_finite - nan
-    xf = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device)).to(torch.float64)
+    # Temporaries stay in x's dtype; reductions accumulate in float64 (CPU) / float32 (accelerators)
+    # without materialising an upcast copy: on a GPU a float64 copy of a 600 MB logits tensor means
+    # fresh GB-sized allocations, which synchronise.
+    acc = torch.float64 if x.device.type == "cpu" else torch.float32
+    xf = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
     count = n_finite.clamp(min=1).to(torch.float64)
-    total = xf.sum()
+    total = torch.sum(xf, dtype=acc).to(torch.float64)
     mean = total / count
-    sq = (xf * xf).sum()
-    var = (sq / count - mean * mean).clamp(min=0.0)
-    # torch.full, not torch.tensor: a host-to-device copy from pageable memory would sync every call.
-    big = torch.full((), float("inf"), dtype=torch.float64, device=x.device)
-    xmin = torch.where(finite, xf, big).min()
-    xmax = torch.where(finite, xf, -big).max()
+    l2 = torch.linalg.vector_norm(xf, dtype=acc).to(torch.float64)
+    l1 = torch.linalg.vector_norm(xf, ord=1, dtype=acc).to(torch.float64)
+    var = (l2 * l2 / count - mean * mean).clamp(min=0.0)
+    big = torch.full((), float("inf"), dtype=x.dtype, device=x.device)  # torch.full: no H2D copy
+    xmin = torch.where(finite, x, big).min().to(torch.float64)
+    xmax = torch.where(finite, x, -big).max().to(torch.float64)
     stats = torch.stack([
-        xmin, xmax, mean, xf.abs().sum() / count, var.sqrt(), sq.sqrt(),
+        xmin, xmax, mean, l1 / count, var.sqrt(), l2,
         nan.to(torch.float64), inf.to(torch.float64), (x == 0).sum().to(torch.float64),
     ])
     # No finite element: min/max/moments are undefined, say so instead of +-inf.
