@@ -16,9 +16,8 @@ Schema (``schema_version`` 1); the only module that imports h5py:
                            attr ``dtype`` naming the torch dtype. Absent when only stats were saved.
 
 The writer streams from a background thread through a byte-bounded queue (memory stays bounded
-whatever the record count). Index rows are committed and the file flushed in batches (at most 64
-records behind, at once whenever the queue runs empty; every record in synchronous mode, used for
-targets that may crash): a writer killed with SIGKILL leaves every acknowledged record readable, and
+whatever the record count). Index rows are committed and the file flushed in batches (every 256
+records or 0.2 s; every record in synchronous mode, used for targets that may crash): a writer killed with SIGKILL leaves every acknowledged record readable, and
 ``complete`` stays False so the reader reports the trace partial.
 
     with TraceWriter("ref.h5", {"model": "qwen"}) as w:
@@ -30,6 +29,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +90,7 @@ class TraceWriter:
         self._has_data_by_seq: dict[int, bool] = {}
         self._rows_pending: list = []  # (index JSON, stats) not yet committed to the file
         self._committed = 0
+        self._last_commit = time.monotonic()
         self._cond = threading.Condition()
         self._pending_bytes = 0
         self._max_pending = max_pending_bytes
@@ -140,7 +141,14 @@ class TraceWriter:
     # -- consumer side (background thread) -----------------------------------------------------
     def _drain(self) -> None:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=0.2)
+            except queue.Empty:  # idle: commit what is pending, so it is acknowledged
+                try:
+                    self._commit()
+                except BaseException as exc:
+                    self._error = exc
+                continue
             if item is None:
                 self._commit()
                 return
@@ -149,8 +157,9 @@ class TraceWriter:
                     self._update_metadata(item[1])
                 else:
                     self._write_now(item[0], item[1])
-                # Index rows are written in batches: at most 64 behind, and never while idle.
-                if len(self._rows_pending) >= 64 or self._queue.empty():
+                # Index rows are committed in batches (each h5py call holds the GIL the model's thread
+                # needs): every 256 records or 0.2 s, whichever comes first, and at close.
+                if len(self._rows_pending) >= 256 or time.monotonic() - self._last_commit > 0.2:
                     self._commit()
             except BaseException as exc:  # surfaced to the producer on its next write / close
                 self._error = exc
@@ -198,6 +207,7 @@ class TraceWriter:
         self._committed = start + n
         self._rows_pending.clear()
         self._file.flush()
+        self._last_commit = time.monotonic()
 
     def close(self, complete: bool = True) -> None:
         if self._thread.is_alive():
