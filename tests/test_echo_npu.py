@@ -70,29 +70,38 @@ def test_alloc_round_up_crash_is_survived_and_reported(tmp_path):
     assert all(not r["beyond"] for r in summary["records"])     # what was captured before is clean
 
 
+_ON_DEVICE = """
+import copy
+from tensordiff.backends.registry import get_backend
+from tensordiff.models import load_model
+from tensordiff.tracing import default_loss
+
+bundle = load_model("qwen", seq_len=16)
+backend = get_backend("echo_npu")
+model = backend(bundle.model)
+inputs = backend.inputs(bundle.inputs.clone())
+assert next(model.parameters()).device.type == "echo_npu"
+loss = default_loss(model(**inputs.kwargs), inputs)
+loss.backward()
+ref = copy.deepcopy(bundle.model)
+ref_loss = default_loss(ref(**bundle.inputs.kwargs), bundle.inputs)
+ref_loss.backward()
+assert abs(loss.item() - ref_loss.item()) < 1e-5, (loss.item(), ref_loss.item())
+assert (model.lm_head.weight.grad.cpu() - ref.lm_head.weight.grad).abs().max() < 1e-5
+ids = bundle.inputs.kwargs["input_ids"][:, :8]
+out = model.generate(input_ids=ids.to("echo_npu"), max_new_tokens=6, do_sample=False, use_cache=True)
+expected = ref.generate(input_ids=ids, max_new_tokens=6, do_sample=False, use_cache=True)
+assert out.cpu().tolist() == expected.tolist(), (out, expected)
+print("ok")
+"""
+
+
 def test_qwen_forward_backward_and_generate_on_the_device():
-    import copy
-
-    from tensordiff.backends.registry import get_backend
-    from tensordiff.models import load_model
-    from tensordiff.tracing import default_loss
-
-    bundle = load_model("qwen", seq_len=16)
-    backend = get_backend("echo_npu")
-    model = backend(bundle.model)
-    inputs = backend.inputs(bundle.inputs.clone())
-    assert next(model.parameters()).device.type == "echo_npu"
-    loss = default_loss(model(**inputs.kwargs), inputs)
-    loss.backward()
-    ref = copy.deepcopy(bundle.model)
-    ref_loss = default_loss(ref(**bundle.inputs.kwargs), bundle.inputs)
-    ref_loss.backward()
-    assert abs(loss.item() - ref_loss.item()) < 1e-5
-    assert (model.lm_head.weight.grad.cpu() - ref.lm_head.weight.grad).abs().max() < 1e-5
-    ids = bundle.inputs.kwargs["input_ids"][:, :8]
-    out = model.generate(input_ids=ids.to("echo_npu"), max_new_tokens=6, do_sample=False, use_cache=True)
-    expected = ref.generate(input_ids=ids, max_new_tokens=6, do_sample=False, use_cache=True)
-    assert out.cpu().tolist() == expected.tolist()
+    # Own process: autograd sizes its per-device queues at the first backward of a process, so a
+    # PrivateUse1 device must be registered before any backward ran (tensordiff's targets run in a
+    # child process for the same reason).
+    proc = subprocess.run([sys.executable, "-c", _ON_DEVICE], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
 def test_device_module_target_runs_any_privateuse1_extension(tmp_path):
