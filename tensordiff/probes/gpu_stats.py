@@ -90,14 +90,10 @@ class StatsBatcher:
             t = t.to(torch.float32)
         slot = StatsSlot()
         if t.numel() > LARGE:
-            from tensordiff.probes.snapshot import _stats_on
+            from tensordiff.probes.snapshot import _stats_to_host_async
 
-            stats = _stats_on(t).reshape(1, -1)
-            host = torch.empty(stats.shape, dtype=torch.float64, pin_memory=True)
-            host.copy_(stats, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            slot.fill(host, 0, event)
+            host, event = _stats_to_host_async(t)
+            slot.fill(host.view(1, -1), 0, event)
             return slot
         self._pending.append((t.reshape(-1), slot))
         self._bytes += t.numel() * t.element_size()
