@@ -15,7 +15,8 @@ def test_batched_stats_match_per_tensor_stats():
                torch.zeros(17, device="cuda"),
                torch.tensor([1.0, float("nan"), float("inf"), 0.0, -2.0], device="cuda"),
                torch.randn(8, 8, device="cuda", generator=gen).t(),
-               torch.arange(10, device="cuda")]
+               torch.arange(10, device="cuda"),
+               torch.randn(5_000_000, device="cuda", generator=gen).to(torch.bfloat16)]  # own reductions
     batcher = StatsBatcher()
     slots = [batcher.add(t) for t in tensors]
     batcher.flush()
