@@ -63,6 +63,19 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+def _is_contiguous(shape, stride) -> bool:
+    """torch's rule: row-major strides, ignoring dimensions of size 1; empty tensors are contiguous."""
+    expected = 1
+    for size, st in zip(reversed(tuple(shape)), reversed(tuple(stride))):
+        if size == 0:
+            return True
+        if size != 1:
+            if st != expected:
+                return False
+            expected *= size
+    return True
+
+
 class TraceWriter:
     """Streams records into one HDF5 file. Use as a context manager; ``close()`` marks it complete."""
 
@@ -100,6 +113,10 @@ class TraceWriter:
         # acknowledged can be lost in a queue when the process dies.
         self.synchronous = synchronous
         self.before_block = lambda: None  # called before write() waits for the queue to drain
+        # Set while no model is running. Stats-only blocks wait for it: the writer's Python (JSON rows,
+        # h5py calls) holds the GIL, and a GPU forward bound by the CPU issuing kernels would wait on it.
+        self.quiet = threading.Event()
+        self.quiet.set()
         self._thread = threading.Thread(target=self._drain, name="tensordiff-writer", daemon=True)
         if not synchronous:
             self._thread.start()
@@ -120,6 +137,17 @@ class TraceWriter:
                 self._cond.wait()
             self._pending_bytes += nbytes
         self._queue.put((record, snap, nbytes))
+
+    def write_block(self, records: list, host_stats, event) -> None:
+        """Queue a block of module records from the fast GPU stats path (probes/session.emit_module):
+        tuples (record id, source, shape, stride, storage_offset, dtype, device, stats row, alias id),
+        their stats in ``host_stats`` (pinned [rows, 9]) once ``event`` has completed."""
+        if self._error is not None:
+            raise self._error
+        if self.synchronous:
+            self._write_block(records, host_stats, event)
+        else:
+            self._queue.put((("block", records), (host_stats, event), 0))
 
     @property
     def acknowledged(self) -> int:
@@ -155,6 +183,10 @@ class TraceWriter:
             try:
                 if item[0] == "meta":
                     self._update_metadata(item[1])
+                elif isinstance(item[0], tuple) and item[0][0] == "block":
+                    while not self.quiet.is_set() and self._queue.qsize() < 64:
+                        self.quiet.wait(0.05)
+                    self._write_block(item[0][1], *item[1])
                 else:
                     self._write_now(item[0], item[1])
                 # Index rows are committed in batches (each h5py call holds the GIL the model's thread
@@ -185,6 +217,31 @@ class TraceWriter:
         row = {**record, **snap.layout, "seq": seq, "has_data": has_data}
         self._append(seq, row, snap.stats_numpy(host))
 
+    def _write_block(self, records: list, host_stats, event) -> None:
+        if event is not None:
+            event.synchronize()  # releases the GIL
+        stats = host_stats.numpy().copy() if host_stats is not None else None
+        for rid, source, shape, stride, offset, dtype, device, row, alias in records:
+            module, direction, call, slot = rid
+            scope = f"{module}/{direction}#{call}"
+            layout = {"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "device": str(device),
+                      "stride": list(stride), "storage_offset": int(offset),
+                      "contiguous": _is_contiguous(shape, stride)}
+            rec = {"key": f"{scope}/{slot}", "kind": "module", "direction": direction, "module": module,
+                   "call": call, "scope": scope, "op": "", "op_index": -1, "slot": slot, "source": source,
+                   **layout, "seq": self.count}
+            if alias is not None:
+                a_module, a_direction, a_call, a_slot = alias
+                original = self._seq_of[f"{a_module}/{a_direction}#{a_call}/{a_slot}"]
+                rec["alias_of"] = f"{a_module}/{a_direction}#{a_call}/{a_slot}"
+                rec["has_data"] = self._has_data_by_seq[original]
+                self._append(self.count, rec, self._stats_by_seq[original])
+            else:
+                rec["has_data"] = False
+                self._append(self.count, rec, stats[row])
+        if len(self._rows_pending) >= 256:
+            self._commit()
+
     def _append(self, seq: int, row: dict, stats) -> None:
         self._rows_pending.append((json.dumps(row), np.asarray(stats, dtype=np.float64)))
         self._stats_by_seq[seq] = self._rows_pending[-1][1]
@@ -210,6 +267,7 @@ class TraceWriter:
         self._last_commit = time.monotonic()
 
     def close(self, complete: bool = True) -> None:
+        self.quiet.set()
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()

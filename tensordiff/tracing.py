@@ -94,7 +94,7 @@ def capture(model: torch.nn.Module, inputs, path, level: str = "module", save: s
 
         replayer = Replayer(replay_model) if replay_model is not None else None
         session = CaptureSession(writer, save_data=(save == "full"), module_filter=module_filter,
-                                 replayer=replayer)
+                                 replayer=replayer, fast_gpu_stats=(level == "module"))
         with contextlib.ExitStack() as stack:
             stack.enter_context(ModuleProbe(model, session, backward=backward))
             if level in ("op", "both"):

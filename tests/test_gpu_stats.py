@@ -23,3 +23,90 @@ def test_batched_stats_match_per_tensor_stats():
     for t, slot in zip(tensors, slots):
         expected = _stats_on(t.cpu()).numpy()
         assert slot.numpy() == pytest.approx(expected, rel=1e-4, abs=1e-5, nan_ok=True)
+
+
+def _mixed_tensors():
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    return [torch.randn(1000, device="cuda", generator=gen) * 3,
+            torch.randn(64, 33, device="cuda", generator=gen).to(torch.bfloat16),
+            torch.randn(300, device="cuda", generator=gen).half(),
+            torch.randn(300, device="cuda", generator=gen).double(),
+            torch.zeros(17, device="cuda"),
+            torch.tensor([1.0, float("nan"), float("inf"), 0.0, -2.0, -0.0, float("-inf")], device="cuda"),
+            torch.full((9,), float("nan"), device="cuda"),
+            torch.randn(8, 8, device="cuda", generator=gen).t(),
+            torch.randn(4096, 9, device="cuda", generator=gen)[:, 1:],  # strided, unaligned start
+            torch.arange(10, device="cuda"),
+            torch.empty(0, device="cuda"),
+            torch.randn(7_000_001, device="cuda", generator=gen).to(torch.bfloat16) - 5]
+
+
+@pytest.mark.parametrize("launcher", ["cuda", "triton"])
+def test_fused_stats_match_per_tensor_stats(launcher, monkeypatch):
+    from tensordiff.probes import fused_stats
+
+    if launcher == "triton":
+        if fused_stats.triton is None:
+            pytest.skip("no triton")
+        monkeypatch.setattr(fused_stats, "_lib", [None, True])
+    elif fused_stats._cuda_library() is None:
+        pytest.skip("no nvcc")
+    tensors = _mixed_tensors()
+    buf = fused_stats.FusedStatsBuffer("cuda", 64)
+    rows = [buf.add(t) for t in tensors]
+    host, event = buf.finish()
+    event.synchronize()
+    for t, row in zip(tensors, rows):
+        expected = _stats_on(t.cpu()).numpy()
+        assert host[row].numpy() == pytest.approx(expected, rel=1e-4, abs=1e-4, nan_ok=True), t.shape
+
+
+def test_fused_stats_are_taken_before_a_later_in_place_op():
+    from tensordiff.probes import fused_stats
+
+    if not fused_stats.available():
+        pytest.skip("no fused stats launcher")
+    x = torch.ones(1 << 20, device="cuda")
+    buf = fused_stats.FusedStatsBuffer("cuda", 4)
+    row = buf.add(x)
+    x.mul_(-3.0)  # after the capture, on the same stream
+    host, event = buf.finish()
+    event.synchronize()
+    assert host[row, 0] == 1.0 and host[row, 1] == 1.0 and host[row, 2] == 1.0
+
+
+def test_fast_module_capture_matches_the_general_path(tmp_path):
+    """module+stats on CUDA takes the fast path (wrapped forwards, fused kernels, writer blocks):
+    same keys, layouts and aliases-resolved stats as the general per-record path."""
+    import numpy as np
+
+    import tensordiff
+    from tensordiff.models import load_model
+    from tensordiff.probes import fused_stats
+    from tensordiff.probes.module_hooks import ModuleProbe
+    from tensordiff.probes.session import CaptureSession
+    from tensordiff.trace import TraceWriter
+
+    if not fused_stats.available():
+        pytest.skip("no fused stats launcher")
+    bundle = load_model("qwen", size="tiny", seq_len=64)
+    model = bundle.model.cuda().to(torch.bfloat16)
+    inputs = {k: v.cuda() for k, v in bundle.inputs.kwargs.items()}
+
+    def run(path, fast):
+        with TraceWriter(path, {}) as w:
+            s = CaptureSession(w, save_data=False, fast_gpu_stats=fast)
+            assert s._fast == fast
+            with ModuleProbe(model, s), torch.no_grad():
+                model(**inputs)
+            s.flush_stats()
+        return tensordiff.open_trace(path).index
+
+    slow, fast = run(tmp_path / "slow.h5", False), run(tmp_path / "fast.h5", True)
+    assert list(slow.key) == list(fast.key)
+    for col in ("shape", "stride", "storage_offset", "contiguous", "dtype", "device", "source"):
+        assert list(slow[col].astype(str)) == list(fast[col].astype(str)), col
+    stats = ["min", "max", "mean", "mean_abs", "std", "l2", "nan", "inf", "zero"]
+    np.testing.assert_allclose(fast[stats].to_numpy(), slow[stats].to_numpy(), rtol=1e-3, atol=1e-4)
+    # views of captured memory (q_proj's output as q_norm's input) are recognised as the same data
+    assert fast["alias_of"].notna().sum() > slow["alias_of"].notna().sum()
