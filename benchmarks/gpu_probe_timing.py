@@ -1,20 +1,77 @@
-import time, torch, contextlib, tempfile
-from tensordiff.models import load_model, Inputs
+"""Split the time of fast module-level stats capture on a GPU: `python benchmarks/gpu_probe_timing.py`.
+
+Variants, interleaved with plain forwards (median of rounds): the wrappers alone (a filter that
+matches no module), the records without their stats kernels, and the whole fast path. For each: CPU
+time until the forward returns, and wall time until the GPU is done.
+"""
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from tensordiff.models import load_model
+from tensordiff.probes import fused_stats
 from tensordiff.probes.module_hooks import ModuleProbe
 from tensordiff.probes.session import CaptureSession
 from tensordiff.trace import TraceWriter
-b = load_model("qwen", size="0.5b", seq_len=2048)
+
+size, seq = (sys.argv[1], int(sys.argv[2])) if len(sys.argv) > 2 else ("0.5b", 2048)
+b = load_model("qwen", size=size, seq_len=seq)
 m = b.model.to("cuda", torch.bfloat16)
 inp = {k: v.cuda() for k, v in b.inputs.kwargs.items()}
-for rep in range(3):
-    with TraceWriter("/tmp/x.h5", {}) as w:
-        s = CaptureSession(w, save_data=False)
-        torch.cuda.synchronize(); t0 = time.perf_counter()
+tmp = tempfile.TemporaryDirectory()
+real_add = fused_stats.FusedStatsBuffer.add
+
+
+def _no_kernel(self, t, contiguous=None):  # the bookkeeping of add() without the launch
+    if self.rows >= self.capacity:
+        return None
+    self.numel.append(t.numel())
+    self.rows += 1
+    return self.rows - 1
+
+
+def run(variant):
+    with TraceWriter(f"{tmp.name}/x.h5", {}) as w:
+        s = CaptureSession(w, save_data=False, module_filter="^$" if variant == "wrappers only" else None,
+                           fast_gpu_stats=True)
+        fused_stats.FusedStatsBuffer.add = _no_kernel if variant == "records, no kernels" else real_add
         with ModuleProbe(m, s), torch.no_grad():
-            m(**inp)
-        t1 = time.perf_counter()
-        s.flush_stats(); t2 = time.perf_counter()
-        torch.cuda.synchronize(); t3 = time.perf_counter()
-        qs = w._queue.qsize()
-    t4 = time.perf_counter()
-    print(f"forward+hooks {t1-t0:.3f}  flush {t2-t1:.3f}  gpu drain {t3-t2:.3f}  writer drain {t4-t3:.3f} queue {qs} records {s.records}")
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            if variant == "plain":
+                with torch.no_grad():
+                    m.forward.__wrapped__(**inp) if hasattr(m.forward, "__wrapped__") else m(**inp)
+            else:
+                m(**inp)
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+            t2 = time.perf_counter()
+    return (t1 - t0) * 1e3, (t2 - t0) * 1e3, s.records
+
+
+def plain():
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        m(**inp)
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) * 1e3, (time.perf_counter() - t0) * 1e3, 0
+
+
+variants = {"plain": plain, "wrappers only": lambda: run("wrappers only"),
+            "records, no kernels": lambda: run("records, no kernels"), "fast path": lambda: run("fast path")}
+for f in variants.values():
+    f()
+res = {k: [] for k in variants}
+for _ in range(9):
+    for k, f in variants.items():
+        res[k].append(f())
+base = statistics.median(w for _, w, _ in res["plain"])
+print("| variant | CPU until forward returns ms | wall ms | x plain | records |\n|---|---|---|---|---|")
+for k, v in res.items():
+    wall = statistics.median(x[1] for x in v)
+    print(f"| {k} | {statistics.median(x[0] for x in v):.1f} | {wall:.1f} | {wall / base:.2f} | {v[-1][2]} |")

@@ -138,16 +138,17 @@ class TraceWriter:
             self._pending_bytes += nbytes
         self._queue.put((record, snap, nbytes))
 
-    def write_block(self, records: list, host_stats, event) -> None:
+    def write_block(self, records: list, host_stats, event, device) -> None:
         """Queue a block of module records from the fast GPU stats path (probes/session.emit_module):
-        tuples (record id, source, shape, stride, storage_offset, dtype, device, stats row, alias id),
-        their stats in ``host_stats`` (pinned [rows, 9]) once ``event`` has completed."""
+        tuples (record id, source, shape, stride, storage_offset, dtype, stats row, alias id) of
+        tensors on ``device``, their stats in ``host_stats`` (pinned [rows, 9]) once ``event`` has
+        completed."""
         if self._error is not None:
             raise self._error
         if self.synchronous:
-            self._write_block(records, host_stats, event)
+            self._write_block(records, host_stats, event, device)
         else:
-            self._queue.put((("block", records), (host_stats, event), 0))
+            self._queue.put((("block", records), (host_stats, event, device), 0))
 
     @property
     def acknowledged(self) -> int:
@@ -217,14 +218,15 @@ class TraceWriter:
         row = {**record, **snap.layout, "seq": seq, "has_data": has_data}
         self._append(seq, row, snap.stats_numpy(host))
 
-    def _write_block(self, records: list, host_stats, event) -> None:
+    def _write_block(self, records: list, host_stats, event, device) -> None:
         if event is not None:
             event.synchronize()  # releases the GIL
         stats = host_stats.numpy().copy() if host_stats is not None else None
-        for rid, source, shape, stride, offset, dtype, device, row, alias in records:
+        device = str(device)
+        for rid, source, shape, stride, offset, dtype, row, alias in records:
             module, direction, call, slot = rid
             scope = f"{module}/{direction}#{call}"
-            layout = {"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "device": str(device),
+            layout = {"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "device": device,
                       "stride": list(stride), "storage_offset": int(offset),
                       "contiguous": _is_contiguous(shape, stride)}
             rec = {"key": f"{scope}/{slot}", "kind": "module", "direction": direction, "module": module,

