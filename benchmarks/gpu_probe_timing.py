@@ -75,3 +75,26 @@ print("| variant | CPU until forward returns ms | wall ms | x plain | records |\
 for k, v in res.items():
     wall = statistics.median(x[1] for x in v)
     print(f"| {k} | {statistics.median(x[0] for x in v):.1f} | {wall:.1f} | {wall / base:.2f} | {v[-1][2]} |")
+
+
+def gpu_only(fn):
+    """GPU time of fn's work alone: the GPU is held busy until the CPU has issued all of it."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # ~100 ms of GPU spinning
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
+plain_gpu = statistics.median(gpu_only(lambda: m(**inp)) for _ in range(5))
+probe = CaptureSession(TraceWriter(f"{tmp.name}/g.h5", {}), save_data=False, fast_gpu_stats=True)
+with ModuleProbe(m, probe), torch.no_grad():
+    fast_gpu = statistics.median(gpu_only(lambda: m(**inp)) for _ in range(5))
+x = torch.randn(2048 * 3072, device="cuda", dtype=torch.bfloat16)
+buf = fused_stats.FusedStatsBuffer("cuda", 4096)
+kernel = statistics.median(gpu_only(lambda: [buf.add(x) for _ in range(100)]) for _ in range(3)) / 100
+print(f"GPU-only time: plain forward {plain_gpu:.1f} ms, fast-path forward {fast_gpu:.1f} ms; stats kernel on a "
+      f"[2048, 3072] bf16 tensor {kernel * 1e3:.1f} us ({x.numel() * 2 / kernel / 1e6:.0f} GB/s)")

@@ -30,16 +30,12 @@ __device__ void atomic_max_f(float* addr, float v) {
   else atomicMin((unsigned int*)addr, __float_as_uint(v));
 }
 
-template <typename T>
-__global__ void stats_kernel(const T* x, long long n, float* minmax, double* sums,
-                             unsigned long long* counts) {
+struct Acc {
   float vmin = INFINITY, vmax = -INFINITY, s = 0.f, sa = 0.f, sq = 0.f;
   unsigned int nan = 0, inf = 0, zero = 0;
-  long long stride = (long long)gridDim.x * blockDim.x;
-  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-    float v = load_f(x, i);
-    if (isnan(v)) { nan++; continue; }
-    if (isinf(v)) { inf++; continue; }
+  __device__ __forceinline__ void add(float v) {
+    if (isnan(v)) { nan++; return; }
+    if (isinf(v)) { inf++; return; }
     vmin = fminf(vmin, v);
     vmax = fmaxf(vmax, v);
     s += v;
@@ -47,6 +43,33 @@ __global__ void stats_kernel(const T* x, long long n, float* minmax, double* sum
     sq += v * v;
     zero += (v == 0.f);
   }
+};
+
+// 16-byte vector loads when the data is 16-byte aligned (H100: ~3x the bandwidth of scalar loads).
+template <typename T>
+__device__ __forceinline__ void add_vec(Acc& a, const uint4& raw) {
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int k = 0; k < (int)(16 / sizeof(T)); ++k) a.add(load_f(e, k));
+}
+
+template <typename T>
+__global__ void stats_kernel(const T* x, long long n, float* minmax, double* sums,
+                             unsigned long long* counts) {
+  Acc a;
+  long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  long long stride = (long long)gridDim.x * blockDim.x;
+  constexpr int kVec = 16 / sizeof(T);
+  long long head = 0;
+  if (((unsigned long long)x & 15) == 0) {
+    long long nvec = n / kVec;
+    const uint4* xv = reinterpret_cast<const uint4*>(x);
+    for (long long i = tid; i < nvec; i += stride) add_vec<T>(a, xv[i]);
+    head = nvec * kVec;
+  }
+  for (long long i = head + tid; i < n; i += stride) a.add(load_f(x, i));
+  float vmin = a.vmin, vmax = a.vmax, s = a.s, sa = a.sa, sq = a.sq;
+  unsigned int nan = a.nan, inf = a.inf, zero = a.zero;
   // Warp, then block reduction; one set of atomics per block.
   for (int off = 16; off > 0; off >>= 1) {
     vmin = fminf(vmin, __shfl_down_sync(0xffffffff, vmin, off));
@@ -91,7 +114,7 @@ __global__ void stats_kernel(const T* x, long long n, float* minmax, double* sum
 template <typename T>
 int launch(const void* x, long long n, long long row, float* minmax, double* sums,
            unsigned long long* counts, cudaStream_t stream, int max_blocks) {
-  long long blocks = (n + kThreads - 1) / kThreads;
+  long long blocks = (n + kThreads * 32 - 1) / (kThreads * 32);  // >= 32 elements per thread
   if (blocks > max_blocks) blocks = max_blocks;
   stats_kernel<T><<<(unsigned)blocks, kThreads, 0, stream>>>((const T*)x, n, minmax + 2 * row,
                                                               sums + 3 * row, counts + 3 * row);

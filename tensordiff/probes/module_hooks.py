@@ -101,8 +101,11 @@ class ModuleProbe:
             if session.replayer is not None:
                 self._replay_inputs.append(session.quietly(session.replayer.to_reference, (args, kwargs)))
             src = user_source_line()
-            for slot, t in _named_tensors(args, "input"):
-                session.emit_module(name, "forward", call, slot, src, t)
+            if len(args) == 1 and isinstance(args[0], torch.Tensor):  # the common case, without lists
+                session.emit_module(name, "forward", call, "input.0", src, args[0])
+            else:
+                for slot, t in _named_tensors(args, "input"):
+                    session.emit_module(name, "forward", call, slot, src, t)
             if kwargs:
                 for slot, t in _named_tensors(kwargs, "input"):
                     session.emit_module(name, "forward", call, slot, src, t)
@@ -116,6 +119,11 @@ class ModuleProbe:
         if session._progress_fd is not None:
             session.progress(f"{session.current_scope()[1]} (after {scope})")
         if wanted and not failed:
+            if isinstance(output, torch.Tensor) and session.replayer is None:  # the common case
+                session.emit_module(name, "forward", call, "output.0", "", output)
+                if is_root:
+                    session.end_of_forward()
+                return
             replayed = self._replay(name, session) if session.replayer is not None else {}
             for slot, t in _named_tensors(_outputs(output), "output"):
                 extra = None

@@ -178,7 +178,17 @@ class CaptureSession:
         """One module record. CUDA tensors in fast mode cost a few microseconds here: a tuple, an alias
         lookup and one stats kernel launch; the writer thread builds the index row later."""
         if self._fast and (t.is_cuda or self._fast_on_cpu) and extra is None:
-            self._emit_fast(module, direction, call, slot, source, t)
+            # inlined _emit_fast for an alias (half of all module records): no stats, no launch
+            version = t._version
+            contiguous = t.is_contiguous()
+            ident = (t.data_ptr(), t.numel(), t.dtype) if contiguous else id(t)
+            seen = self._fast_seen.get(ident)
+            if seen is not None and seen[1] == version and seen[0]() is not None:
+                self._block.append(((module, direction, call, slot), source, t.shape, t.stride(),
+                                    t.storage_offset(), t.dtype, -1, seen[2]))
+                self.records += 1
+            else:
+                self._emit_fast(module, direction, call, slot, source, t, version, contiguous, ident)
             return
         if self._block:
             self._flush_block()  # keep execution order in the file
@@ -187,31 +197,24 @@ class CaptureSession:
             rec.update(extra)
         self.emit(rec, t)
 
-    def _emit_fast(self, module, direction, call, slot, source, t) -> None:
-        version = t._version
-        contiguous = t.is_contiguous()
-        # Stats do not depend on shape: a contiguous view of captured memory (q_proj's output seen as
-        # q_norm's [.., heads, dim] input) is the same data if the version counter (shared by views)
-        # has not moved and the captured tensor still owns that memory.
-        ident = (t.data_ptr(), t.numel(), t.dtype) if contiguous else id(t)
-        seen = self._fast_seen.get(ident)
+    def _emit_fast(self, module, direction, call, slot, source, t, version, contiguous, ident) -> None:
+        """A record whose tensor is new: one stats launch. ``ident`` is how a later record of the
+        same data is recognised: stats do not depend on shape, so a contiguous view of captured memory
+        (q_proj's output seen as q_norm's [.., heads, dim] input) is the same data while the version
+        counter (shared by views) has not moved and the captured tensor still owns that memory."""
         rid = (module, direction, call, slot)
-        if seen is not None and seen[1] == version and seen[0]() is not None:
-            row, alias = -1, seen[2]
-        else:
-            buf = self._block_stats
-            if buf is None or buf.device_index != t.get_device():
-                if buf is not None:
-                    self._flush_block()
-                buf = self._block_stats = fused_stats.FusedStatsBuffer(t.device, BLOCK_RECORDS)
-            row = buf.add(t, contiguous)
-            if row is None:  # the block is full
+        buf = self._block_stats
+        if buf is None or buf.device_index != t.get_device():
+            if buf is not None:
                 self._flush_block()
-                buf = self._block_stats = fused_stats.FusedStatsBuffer(t.device, BLOCK_RECORDS)
-                row = buf.add(t, contiguous)
-            alias = None
-            self._fast_seen[ident] = (weakref.ref(t), version, rid)
-        self._block.append((rid, source, t.shape, t.stride(), t.storage_offset(), t.dtype, row, alias))
+            buf = self._block_stats = fused_stats.FusedStatsBuffer(t.device, BLOCK_RECORDS)
+        row = buf.add(t, contiguous)
+        if row is None:  # the block is full
+            self._flush_block()
+            buf = self._block_stats = fused_stats.FusedStatsBuffer(t.device, BLOCK_RECORDS)
+            row = buf.add(t, contiguous)
+        self._fast_seen[ident] = (weakref.ref(t), version, rid)
+        self._block.append((rid, source, t.shape, t.stride(), t.storage_offset(), t.dtype, row, None))
         self.records += 1
 
     def _flush_block(self) -> None:
