@@ -89,7 +89,8 @@ def gpu_only(fn):
     return start.elapsed_time(end)
 
 
-plain_gpu = statistics.median(gpu_only(lambda: m(**inp)) for _ in range(5))
+with torch.no_grad():
+    plain_gpu = statistics.median(gpu_only(lambda: m(**inp)) for _ in range(5))
 probe = CaptureSession(TraceWriter(f"{tmp.name}/g.h5", {}), save_data=False, fast_gpu_stats=True)
 with ModuleProbe(m, probe), torch.no_grad():
     fast_gpu = statistics.median(gpu_only(lambda: m(**inp)) for _ in range(5))
