@@ -17,6 +17,7 @@ from tensordiff.probes.module_hooks import ModuleProbe
 from tensordiff.probes.session import CaptureSession
 from tensordiff.trace import TraceWriter
 
+print(f"fused stats launcher: {fused_stats.launcher_name()}")
 size, seq = (sys.argv[1], int(sys.argv[2])) if len(sys.argv) > 2 else ("0.5b", 2048)
 b = load_model("qwen", size=size, seq_len=seq)
 m = b.model.to("cuda", torch.bfloat16)

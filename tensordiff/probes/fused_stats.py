@@ -42,8 +42,33 @@ _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _lib = [None, False]  # ctypes library, tried
 
 
+def _nvcc() -> str | None:
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    home = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc"
+    return str(home) if home.exists() else None
+
+
+def _build(nvcc: str, src: Path, out: Path, arch: str, cudart: str) -> bool:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    cmd = [nvcc, "-O3", "-shared", "-Xcompiler", "-fPIC", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+           f"-cudart={cudart}", "-o", str(tmp), str(src)]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+        os.replace(tmp, out)  # atomic: a concurrent process sees the whole library or none
+        return True
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 def _cuda_library():
-    """Build (first use, ~5 s) or load the nvcc-compiled launcher; None when nvcc is missing or fails."""
+    """Build (first use, ~5 s) or load the nvcc-compiled launcher; None when nvcc is missing or fails.
+
+    Linked against the shared CUDA runtime when torch's CUDA major version matches nvcc's: the
+    library then resolves to the libcudart torch already loaded and its launches share torch's warm
+    runtime state. Otherwise (or when that fails) the runtime is linked in statically."""
     if _lib[1]:
         return _lib[0]
     _lib[1] = True
@@ -51,33 +76,36 @@ def _cuda_library():
         return None
     src = Path(__file__).with_name("fused_stats.cu")
     major, minor = torch.cuda.get_device_capability()
+    arch = f"{major}{minor}"
     digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
     root = Path(os.environ.get("TENSORDIFF_CACHE", Path.home() / ".cache" / "tensordiff"))
-    out = root / f"fused_stats-{digest}-sm{major}{minor}.so"
-    if not out.exists():
-        nvcc = shutil.which("nvcc") or next((p for p in (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc",)
-                                             if p.exists()), None)
-        if nvcc is None:
-            return None
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        cmd = [str(nvcc), "-O3", "-shared", "-Xcompiler", "-fPIC", f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}",
-               "-o", str(tmp), str(src)]
+    torch_major = (torch.version.cuda or "0").split(".")[0]
+    wanted = os.environ.get("TENSORDIFF_CUDART")
+    variants = [wanted] if wanted in ("shared", "static") else ["shared", "static"]
+    for cudart in variants:
+        out = root / f"fused_stats-{digest}-sm{arch}-{cudart}-cu{torch_major}.so"
+        if not out.exists():
+            nvcc = _nvcc()
+            if nvcc is None:
+                return None
+            if cudart == "shared" and wanted != "shared":
+                version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+                if f"release {torch_major}." not in version:
+                    continue
+            if not _build(nvcc, src, out, arch, cudart):
+                continue
         try:
-            subprocess.run(cmd, check=True, capture_output=True, timeout=300)
-            os.replace(tmp, out)  # atomic: a concurrent process sees the whole library or none
-        except (OSError, subprocess.SubprocessError):
-            return None
-    try:
-        lib = ctypes.CDLL(str(out))
-    except OSError:
-        return None
-    fn = lib.td_stats_launch
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_longlong, ctypes.c_void_p,
-                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    _lib[0] = fn
-    return fn
+            lib = ctypes.CDLL(str(out))
+        except OSError:
+            continue
+        fn = lib.td_stats_launch
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_longlong, ctypes.c_void_p,
+                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        fn.variant = cudart
+        _lib[0] = fn
+        return fn
+    return None
 
 
 def available() -> bool:
@@ -85,7 +113,8 @@ def available() -> bool:
 
 
 def launcher_name() -> str:
-    return "cuda" if _cuda_library() is not None else "triton" if triton is not None else "none"
+    lib = _cuda_library()
+    return f"cuda ({lib.variant} cudart)" if lib is not None else "triton" if triton is not None else "none"
 
 
 if triton is not None:
