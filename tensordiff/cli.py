@@ -70,6 +70,10 @@ def trace(
     level: str = typer.Option("module", help="module | op | both"),
     save: str = typer.Option("full", help="full (tensors + stats) | stats"),
     backward: bool = typer.Option(False, help="Also capture gradients after a loss on the logits."),
+    replay: bool = typer.Option(True, help="Re-run every target module call on the fp32 reference with the "
+                                           "target's own inputs (local error: introduced vs amplified). "
+                                           "--no-replay: faster; module-level stats on CUDA then take the "
+                                           "fused-kernel path."),
     filter: Optional[str] = typer.Option(None, "--filter", help="Regex on module names to capture."),
     attention_mask: bool = typer.Option(False, help="Pass a padded attention mask."),
     atol: Optional[float] = typer.Option(None, help="Override absolute tolerance."),
@@ -87,7 +91,8 @@ def trace(
     job = TraceJob(model=model, target=target, reference=reference, out=str(out), size=size, batch=batch,
                    seq_len=seq_len, seed=seed, level=level, save=save, backward=backward,
                    module_filter=filter, attention_mask=attention_mask, atol=atol, rtol=rtol, fault=fault,
-                   isolate=isolate, judge_fp64=_judge_mode(judge), per_pattern=_parse_tolerances(tol))
+                   isolate=isolate, judge_fp64=_judge_mode(judge), per_pattern=_parse_tolerances(tol),
+                   replay=replay)
     outcome = trace_job(job)
     render_console(outcome.result)
     typer.echo(f"wrote {out}/reference.h5, target.h5, summary.json, report.md, report.html")

@@ -71,3 +71,26 @@ def test_unchanged_tensors_are_aliased_changed_ones_are_not(tmp_path, qwen):
     idx = tensordiff.open_trace(tmp_path / "q.h5").index
     aliases = idx["alias_of"].apply(lambda a: isinstance(a, str)).sum()
     assert aliases > len(idx) // 3
+
+
+def test_module_probe_wraps_forward_and_restores_it(tmp_path):
+    """Modules without hooks get an instance-level forward wrapper (removed afterwards, a user's own
+    instance forward restored); a module with a user's forward hook is probed through hooks, so its
+    record shows what the hook returned."""
+    bundle = load_model("qwen", size="tiny", seq_len=16)
+    model = bundle.model
+    mlp = model.model.layers[1].mlp
+    mlp.register_forward_hook(lambda mod, args, out: out * 2.0)
+    norm = model.model.norm
+    own_forward = norm.forward  # a user's patched forward, as an instance attribute
+    norm.forward = own_forward
+    with torch.no_grad():
+        expected = model(**bundle.inputs.kwargs).logits
+    tensordiff.capture(model, bundle.inputs, tmp_path / "t.h5", level="module", save="full")
+    assert "forward" not in model.model.layers[0].mlp.__dict__ and norm.__dict__["forward"] is own_forward
+    trace = tensordiff.open_trace(tmp_path / "t.h5")
+    hooked = trace.tensor("model.layers.1.mlp/forward#0/output.0")
+    inner = trace.tensor("model.layers.1.mlp.down_proj/forward#0/output.0")
+    torch.testing.assert_close(hooked, inner * 2.0)
+    torch.testing.assert_close(trace.tensor("lm_head/forward#0/output.0"), expected)
+    assert trace.index.loc["model.layers.0/forward#0/input.0", "source"].split(" in ")[-1] == "forward"

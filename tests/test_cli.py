@@ -80,3 +80,14 @@ def test_per_pattern_tolerance(bug_run):
     assert not summary["first_divergence"]["key"].startswith("model.layers.1.self_attn")
     bad = run_cli("diff", ref, tgt, "--tol", "nonsense")
     assert bad.returncode == 2 and "--tol" in bad.stderr
+
+
+def test_no_replay_stats_only_still_localizes(tmp_path):
+    out = tmp_path / "nr"
+    proc = run_cli("trace", "--model", "qwen", "--seq-len", "32", "--target", f"{PLUGINS}/planted.py:scale_layer1_mlp",
+                   "--no-replay", "--save", "stats", "--no-isolate", "--out", str(out))
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["first_divergence"]["key"] == "model.layers.1.mlp/forward#0/output.0"
+    assert summary["culprit"]["module"] == "model.layers.1.mlp" and summary["culprit"]["local_error"] is None
+    assert "no replay" in summary["culprit"]["why"]

@@ -85,3 +85,24 @@ def test_reader_errors_are_one_line(tmp_path):
     bad.write_bytes(b"not hdf5 at all")
     with pytest.raises(TensordiffError, match="bad.h5"):
         open_trace(bad)
+
+
+def test_block_of_fast_records_is_written_with_layouts_and_aliases(tmp_path):
+    """The fast GPU path hands the writer blocks of tuples and a stats array: the rows it writes match
+    what the general path writes (contiguity from shape and stride, aliases sharing the stats)."""
+    stats = torch.tensor([[-1.0, 2.0, 0.5, 0.7, 0.9, 3.0, 0, 0, 1], [0.0, 1.0, 0.5, 0.5, 0.5, 1.0, 2, 1, 4]],
+                         dtype=torch.float64)
+    block = [(("a", "forward", 0, "output.0"), "x.py:1 in f", torch.Size([2, 3]), (3, 1), 0, torch.bfloat16, 0, None),
+             (("b", "forward", 0, "input.0"), "x.py:2 in f", torch.Size([3, 2]), (1, 3), 0, torch.bfloat16, -1,
+              ("a", "forward", 0, "output.0")),
+             (("b", "forward", 0, "output.0"), "", torch.Size([4, 1, 2]), (2, 99, 1), 5, torch.float32, 1, None)]
+    with TraceWriter(tmp_path / "t.h5", {}) as w:
+        w.write_block(block, stats, None, "cuda:0")
+    idx = open_trace(tmp_path / "t.h5").index
+    assert list(idx["key"]) == ["a/forward#0/output.0", "b/forward#0/input.0", "b/forward#0/output.0"]
+    a, b_in, b_out = (idx.loc[k] for k in idx["key"])
+    assert a["contiguous"] and not b_in["contiguous"] and b_out["contiguous"]  # size-1 dims ignore stride
+    assert b_in["alias_of"] == "a/forward#0/output.0" and b_in["l2"] == a["l2"] == 3.0
+    assert b_out["storage_offset"] == 5 and b_out["dtype"] == "float32" and b_out["device"] == "cuda:0"
+    assert (b_out["nan"], b_out["inf"], b_out["zero"]) == (2, 1, 4) and not b_out["has_data"]
+    assert a["source"] == "x.py:1 in f" and a["scope"] == "a/forward#0"
