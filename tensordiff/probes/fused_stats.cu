@@ -123,13 +123,19 @@ int launch(const void* x, long long n, long long row, float* minmax, double* sum
 
 }  // namespace
 
+// One buffer of `capacity` rows: [capacity] x {float min, max} then [capacity] x {double sum, sum |x|,
+// sum x^2} then [capacity] x {uint64 nan, inf, zero}. Fewer ctypes arguments: each costs ~0.2 us.
+static int g_max_blocks = 528;
+extern "C" void td_stats_set_max_blocks(int max_blocks) { g_max_blocks = max_blocks; }
+
 // dtype: 0 float32, 1 float16, 2 bfloat16, 3 float64. Returns a cudaError_t (0: launched).
-extern "C" int td_stats_launch(const void* x, long long n, int dtype, long long row, void* minmax,
-                               void* sums, void* counts, void* stream, int max_blocks) {
+extern "C" int td_stats_launch(const void* x, long long n, int dtype, long long row, char* buffer,
+                               long long capacity, void* stream) {
   if (n <= 0) return 0;
-  float* mm = (float*)minmax;
-  double* sm = (double*)sums;
-  unsigned long long* ct = (unsigned long long*)counts;
+  float* mm = (float*)buffer;
+  double* sm = (double*)(buffer + capacity * 2 * sizeof(float));
+  unsigned long long* ct = (unsigned long long*)(buffer + capacity * (2 * sizeof(float) + 3 * sizeof(double)));
+  int max_blocks = g_max_blocks;
   cudaStream_t st = (cudaStream_t)stream;
   switch (dtype) {
     case 0: return launch<float>(x, n, row, mm, sm, ct, st, max_blocks);

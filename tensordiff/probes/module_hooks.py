@@ -100,7 +100,7 @@ class ModuleProbe:
         if wanted:
             if session.replayer is not None:
                 self._replay_inputs.append(session.quietly(session.replayer.to_reference, (args, kwargs)))
-            src = user_source_line()
+            src = user_source_line(start=3)  # past _enter and the wrapper (or hook): torch's __call__
             if len(args) == 1 and isinstance(args[0], torch.Tensor):  # the common case, without lists
                 session.emit_module(name, "forward", call, "input.0", src, args[0])
             else:
