@@ -219,14 +219,21 @@ class TraceWriter:
         self._append(seq, row, snap.stats_numpy(host))
 
     def _write_block(self, records: list, host_stats, event, device) -> None:
-        if event is not None:
-            event.synchronize()  # releases the GIL
-        stats = host_stats.numpy().copy() if host_stats is not None else None
+        if isinstance(host_stats, list):  # parts [(host, event), ...] of several stats buffers, in row order
+            for _, ev in host_stats:
+                if ev is not None:
+                    ev.synchronize()
+            stats = np.concatenate([h.numpy() for h, _ in host_stats]) if host_stats else None
+        else:
+            if event is not None:
+                event.synchronize()  # releases the GIL
+            stats = host_stats.numpy().copy() if host_stats is not None else None
         device = str(device)
-        for rid, source, shape, stride, offset, dtype, row, alias in records:
+        for rid, source, shape, stride, offset, dtype, row, alias, *own_device in records:
             module, direction, call, slot = rid
             scope = f"{module}/{direction}#{call}"
-            layout = {"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "device": device,
+            layout = {"shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
+                      "device": own_device[0] if own_device else device,
                       "stride": list(stride), "storage_offset": int(offset),
                       "contiguous": _is_contiguous(shape, stride)}
             rec = {"key": f"{scope}/{slot}", "kind": "module", "direction": direction, "module": module,

@@ -93,4 +93,38 @@ def test_module_probe_wraps_forward_and_restores_it(tmp_path):
     inner = trace.tensor("model.layers.1.mlp.down_proj/forward#0/output.0")
     torch.testing.assert_close(hooked, inner * 2.0)
     torch.testing.assert_close(trace.tensor("lm_head/forward#0/output.0"), expected)
-    assert trace.index.loc["model.layers.0/forward#0/input.0", "source"].split(" in ")[-1] == "forward"
+    # the line that called the decoder layer: model code, never torch's or tensordiff's own frames
+    source = trace.index.loc["model.layers.0/forward#0/input.0", "source"]
+    assert "transformers" in source and "/torch/nn/" not in source and "tensordiff" not in source
+
+
+def test_cpp_recorder_writes_the_same_records_as_the_general_path(tmp_path):
+    """The C++ per-record path of fast GPU stats (fast_records.cpp), run here on CPU tensors without
+    a stats kernel: same keys, layouts, sources and order as the general path, plus aliases for
+    contiguous views of captured memory (q_proj's output as q_norm's input)."""
+    from tensordiff.probes import fast_records
+    from tensordiff.probes.module_hooks import ModuleProbe
+    from tensordiff.probes.session import CaptureSession
+    from tensordiff.trace import TraceWriter
+
+    bundle = load_model("qwen", size="tiny", seq_len=16)
+
+    def run(path, cpp):
+        with TraceWriter(path, {}) as w:
+            s = CaptureSession(w, save_data=False)
+            if cpp:
+                s._fast, s._rec = True, fast_records.recorder(64, accept_cpu=True)  # 64: several buffers
+                assert s._rec is not None
+            with ModuleProbe(bundle.model, s), torch.no_grad():
+                bundle.model(**bundle.inputs.kwargs)
+            s.flush_stats()
+        return tensordiff.open_trace(path).index
+
+    general, cpp = run(tmp_path / "g.h5", False), run(tmp_path / "c.h5", True)
+    assert list(general["key"]) == list(cpp["key"]) and len(cpp) == 158
+    for col in ("shape", "stride", "storage_offset", "contiguous", "dtype", "device", "source", "seq"):
+        assert list(general[col].astype(str)) == list(cpp[col].astype(str)), col
+    aliased = cpp[cpp["alias_of"].notna()]
+    assert set(general[general["alias_of"].notna()]["key"]) < set(aliased["key"])
+    assert cpp.loc["model.layers.0.self_attn.q_norm/forward#0/input.0", "alias_of"] == \
+        "model.layers.0.self_attn.q_proj/forward#0/output.0"

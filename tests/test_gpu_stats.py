@@ -75,9 +75,10 @@ def test_fused_stats_are_taken_before_a_later_in_place_op():
     assert host[row, 0] == 1.0 and host[row, 1] == 1.0 and host[row, 2] == 1.0
 
 
-def test_fast_module_capture_matches_the_general_path(tmp_path):
-    """module+stats on CUDA takes the fast path (wrapped forwards, fused kernels, writer blocks):
-    same keys, layouts and aliases-resolved stats as the general per-record path."""
+@pytest.mark.parametrize("recorder", ["cpp", "python"])
+def test_fast_module_capture_matches_the_general_path(tmp_path, recorder):
+    """module+stats on CUDA takes the fast path (wrapped forwards, fused kernels, writer blocks; the
+    per-record work in C++ or in Python): same keys, layouts and stats as the general path."""
     import numpy as np
 
     import tensordiff
@@ -97,6 +98,10 @@ def test_fast_module_capture_matches_the_general_path(tmp_path):
         with TraceWriter(path, {}) as w:
             s = CaptureSession(w, save_data=False, fast_gpu_stats=fast)
             assert s._fast == fast
+            if fast and recorder == "python":
+                s._rec = None
+            elif fast:
+                assert s._rec is not None
             with ModuleProbe(model, s), torch.no_grad():
                 model(**inputs)
             s.flush_stats()

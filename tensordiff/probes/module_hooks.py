@@ -101,6 +101,11 @@ class ModuleProbe:
             if session.replayer is not None:
                 self._replay_inputs.append(session.quietly(session.replayer.to_reference, (args, kwargs)))
             src = user_source_line(start=3)  # past _enter and the wrapper (or hook): torch's __call__
+            if session._rec is not None:  # fast mode, C++ recorder
+                session.record_tensors(args, name, "forward", call, "input", src, False)
+                if kwargs:
+                    session.record_tensors(kwargs, name, "forward", call, "input", src, False)
+                return call, is_root, scope
             if len(args) == 1 and isinstance(args[0], torch.Tensor):  # the common case, without lists
                 session.emit_module(name, "forward", call, "input.0", src, args[0])
             else:
@@ -119,6 +124,11 @@ class ModuleProbe:
         if session._progress_fd is not None:
             session.progress(f"{session.current_scope()[1]} (after {scope})")
         if wanted and not failed:
+            if session._rec is not None:  # fast mode, C++ recorder
+                session.record_tensors(output, name, "forward", call, "output", "", True)
+                if is_root:
+                    session.end_of_forward()
+                return
             if isinstance(output, torch.Tensor) and session.replayer is None:  # the common case
                 session.emit_module(name, "forward", call, "output.0", "", output)
                 if is_root:

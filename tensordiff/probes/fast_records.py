@@ -1,0 +1,63 @@
+"""Loads fast_records.cpp: the per-record work of fast GPU module stats in C++ (see that file).
+
+Built with torch's cpp_extension on first use (~40 s) into ``~/.cache/tensordiff``; no CUDA headers
+needed, the stats kernel is reached through the nvcc-built launcher of fused_stats. When it cannot be
+built (no compiler) the session does the same work in Python (``CaptureSession._emit_fast``).
+
+    rec = recorder(capacity=1024)          # None when unavailable
+    others = rec.record(args, "model.layers.0", "forward", 0, "input", "x.py:3 in f", False)
+    records, buffers = rec.take()          # tuples for TraceWriter.write_block, stats buffers
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from tensordiff.probes import fused_stats
+
+_EXT = [None, False]  # module, tried
+
+
+def _load():
+    if _EXT[1]:
+        return _EXT[0]
+    _EXT[1] = True
+    if os.environ.get("TENSORDIFF_FAST_RECORDS") == "python":
+        return None
+    from torch.utils.cpp_extension import load
+
+    src = Path(__file__).with_name("fast_records.cpp")
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
+    root = Path(os.environ.get("TENSORDIFF_CACHE", Path.home() / ".cache" / "tensordiff"))
+    out = root / (f"fast_records-{digest}-torch{torch.__version__.replace('+', '_')}"
+                  f"-py{sys.version_info[0]}{sys.version_info[1]}")
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        _EXT[0] = load(name="tensordiff_fast_records", sources=[str(src)], build_directory=str(out),
+                       extra_cflags=["-O2"], verbose=False)
+    except Exception as exc:  # no compiler, no headers: the Python path does the same work
+        print(f"tensordiff: fast records extension unavailable ({str(exc).splitlines()[-1][:200]}); "
+              "using the Python path", file=sys.stderr)
+        _EXT[0] = None
+    return _EXT[0]
+
+
+def recorder(capacity: int, accept_cpu: bool = False):
+    """A Recorder launching the nvcc-built stats kernel, or None (no extension or no launcher)."""
+    launch = fused_stats._cuda_library()
+    if launch is None and not accept_cpu:
+        return None
+    ext = _load()
+    if ext is None:
+        return None
+    from tensordiff.probes.session import flatten_tensors
+
+    if launch is not None:
+        launch.set_max_blocks(fused_stats._max_programs(torch.device("cuda", torch.cuda.current_device())))
+    address = ctypes.cast(launch, ctypes.c_void_p).value if launch is not None else 0
+    return ext.Recorder(address, capacity, flatten_tensors, accept_cpu)
