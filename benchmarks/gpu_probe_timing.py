@@ -1,7 +1,8 @@
 """Split the time of fast module-level stats capture on a GPU: `python benchmarks/gpu_probe_timing.py`.
 
 Variants, interleaved with plain forwards (median of rounds): the wrappers alone (a filter that
-matches no module), the records without their stats kernels, and the whole fast path. For each: CPU
+matches no module), the Python records without their stats kernels, and the whole fast path with
+the per-record work in Python and in C++ (fast_records.cpp). For each: CPU
 time until the forward returns, and wall time until the GPU is done.
 """
 import statistics
@@ -39,6 +40,8 @@ def run(variant):
         s = CaptureSession(w, save_data=False, module_filter="^$" if variant == "wrappers only" else None,
                            fast_gpu_stats=True)
         fused_stats.FusedStatsBuffer.add = _no_kernel if variant == "records, no kernels" else real_add
+        if variant in ("records, no kernels", "fast path, records in Python"):
+            s._rec = None
         with ModuleProbe(m, s), torch.no_grad():
             torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -64,7 +67,9 @@ def plain():
 
 
 variants = {"plain": plain, "wrappers only": lambda: run("wrappers only"),
-            "records, no kernels": lambda: run("records, no kernels"), "fast path": lambda: run("fast path")}
+            "records in Python, no kernels": lambda: run("records, no kernels"),
+            "fast path, records in Python": lambda: run("fast path, records in Python"),
+            "fast path, records in C++": lambda: run("fast path")}
 for f in variants.values():
     f()
 res = {k: [] for k in variants}

@@ -35,13 +35,18 @@ struct Record {
   at::ScalarType dtype;
   std::string device;
   int64_t row;    // global row over this block's buffers; -1 for an alias
-  py::object alias;  // (module, direction, call, slot) of the original, or None
+  bool is_alias = false;  // then alias_* name the original record
+  py::object alias_module, alias_direction;
+  int64_t alias_call = 0;
+  std::string alias_slot;
 };
 
 struct Seen {
   c10::weak_intrusive_ptr<c10::TensorImpl> impl;
   uint32_t version;
-  py::object rid;
+  py::object module, direction;  // the original record's id, turned into a tuple only at take()
+  int64_t call;
+  std::string slot;
 };
 
 struct Key {
@@ -75,15 +80,15 @@ class Recorder {
 
   // Records every CUDA tensor in obj; slots are prefix.i / prefix.key (a bare tensor: prefix.0).
   // Returns the (slot, tensor) pairs of other tensors, for the general path.
-  py::list record(py::handle obj, py::object module, py::object direction, int64_t call,
-                  const std::string& prefix, py::object source, bool bare_tensor_is_tuple) {
-    Ctx ctx{module, direction, call, source, py::list()};
+  py::object record(py::handle obj, py::object module, py::object direction, int64_t call,
+                    const std::string& prefix, py::object source, bool bare_tensor_is_tuple) {
+    Ctx ctx{module, direction, call, source, py::none()};
     if (bare_tensor_is_tuple && THPVariable_Check(obj.ptr())) {
       add(obj.ptr(), prefix + ".0", ctx);
     } else {
       walk(obj, prefix, 0, ctx);
     }
-    return ctx.others;
+    return ctx.others;  // None, or a list: no Python allocation in the common case
   }
 
   int64_t pending() const { return (int64_t)records_.size(); }
@@ -99,7 +104,10 @@ class Recorder {
       for (size_t i = 0; i < r.stride.size(); ++i) stride[i] = r.stride[i];
       py::object dtype = py::reinterpret_borrow<py::object>((PyObject*)torch::getTHPDtype(r.dtype));
       py::tuple rid = py::make_tuple(r.module, r.direction, r.call, r.slot);
-      recs.append(py::make_tuple(rid, r.source, shape, stride, r.offset, dtype, r.row, r.alias, r.device));
+      py::object alias = r.is_alias ? (py::object)py::make_tuple(r.alias_module, r.alias_direction, r.alias_call,
+                                                                 r.alias_slot)
+                                    : py::none();
+      recs.append(py::make_tuple(rid, r.source, shape, stride, r.offset, dtype, r.row, alias, r.device));
     }
     py::list bufs;
     for (size_t i = 0; i < buffers_.size(); ++i) {
@@ -119,7 +127,7 @@ class Recorder {
     py::object module, direction;
     int64_t call;
     py::object source;
-    py::list others;
+    py::object others;
   };
 
   void walk(py::handle obj, const std::string& slot, int depth, Ctx& ctx) {
@@ -157,7 +165,8 @@ class Recorder {
   void add(PyObject* obj, const std::string& slot, Ctx& ctx) {
     const at::Tensor& t = THPVariable_Unpack(obj);
     if (!(t.is_cuda() || accept_cpu_) || t.layout() != at::kStrided) {
-      ctx.others.append(py::make_tuple(slot, py::handle(obj)));
+      if (ctx.others.is_none()) ctx.others = py::list();
+      ctx.others.cast<py::list>().append(py::make_tuple(slot, py::handle(obj)));
       return;
     }
     c10::TensorImpl* impl = t.unsafeGetTensorImpl();
@@ -182,11 +191,14 @@ class Recorder {
     r.offset = t.storage_offset();
     r.dtype = t.scalar_type();
     r.device = t.device().str();
-    r.alias = py::none();
     auto it = versioned ? seen_.find(key) : seen_.end();
     if (it != seen_.end() && it->second.version == version && !it->second.impl.expired()) {
       r.row = -1;
-      r.alias = it->second.rid;
+      r.is_alias = true;
+      r.alias_module = it->second.module;
+      r.alias_direction = it->second.direction;
+      r.alias_call = it->second.call;
+      r.alias_slot = it->second.slot;
       records_.push_back(std::move(r));
       return;
     }
@@ -194,7 +206,7 @@ class Recorder {
     if (versioned) {
       seen_.insert_or_assign(key, Seen{c10::weak_intrusive_ptr<c10::TensorImpl>(
                                           c10::intrusive_ptr<c10::TensorImpl>::reclaim_copy(impl)),
-                                      version, py::make_tuple(ctx.module, ctx.direction, ctx.call, slot)});
+                                      version, ctx.module, ctx.direction, ctx.call, slot});
     }
     records_.push_back(std::move(r));
   }

@@ -233,8 +233,10 @@ class CaptureSession:
                        bare_tensor_is_tuple: bool) -> None:
         """Module records of every tensor in obj through the C++ recorder (fast mode with _rec);
         tensors it does not take (not on CUDA) go through emit_module."""
-        for slot, t in self._rec.record(obj, module, direction, call, prefix, source, bare_tensor_is_tuple):
-            self.emit_module(module, direction, call, slot, source, t)
+        others = self._rec.record(obj, module, direction, call, prefix, source, bare_tensor_is_tuple)
+        if others is not None:
+            for slot, t in others:
+                self.emit_module(module, direction, call, slot, source, t)
 
     def _flush_block(self) -> None:
         if self._rec is not None and self._rec.pending():
