@@ -4,6 +4,7 @@ Exit codes: 0 match, 1 divergence / NaN / crash found, 2 bad input (one-line err
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -16,6 +17,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 _state = {"debug": False}
 
 EXIT_MATCH, EXIT_FOUND, EXIT_BAD_INPUT = 0, 1, 2
+# Models are only ever loaded from local files: without this, a missing model id makes
+# huggingface_hub retry HTTP requests (and print each retry) on machines with no network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @app.callback()
