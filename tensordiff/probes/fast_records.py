@@ -37,6 +37,9 @@ def _load():
     out = root / (f"fast_records-{digest}-torch{torch.__version__.replace('+', '_')}"
                   f"-py{sys.version_info[0]}{sys.version_info[1]}")
     out.mkdir(parents=True, exist_ok=True)
+    if not any(out.glob("*.so")):
+        print(f"tensordiff: compiling the fast records extension into {out} (first use only, ~40 s)...",
+              file=sys.stderr, flush=True)
     try:
         _EXT[0] = load(name="tensordiff_fast_records", sources=[str(src)], build_directory=str(out),
                        extra_cflags=["-O2"], verbose=False)
