@@ -42,6 +42,11 @@ def run(variant):
         fused_stats.FusedStatsBuffer.add = _no_kernel if variant == "records, no kernels" else real_add
         if variant in ("records, no kernels", "fast path, records in Python"):
             s._rec = None
+        if variant == "C++ records, no kernels":  # the floor of a design with batched launches
+            from tensordiff.probes import fast_records
+            from tensordiff.probes.session import flatten_tensors
+
+            s._rec = fast_records._load().Recorder(0, 1024, flatten_tensors, False)
         with ModuleProbe(m, s), torch.no_grad():
             torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -69,6 +74,7 @@ def plain():
 variants = {"plain": plain, "wrappers only": lambda: run("wrappers only"),
             "records in Python, no kernels": lambda: run("records, no kernels"),
             "fast path, records in Python": lambda: run("fast path, records in Python"),
+            "records in C++, no kernels": lambda: run("C++ records, no kernels"),
             "fast path, records in C++": lambda: run("fast path")}
 for f in variants.values():
     f()
@@ -82,26 +88,3 @@ for k, v in res.items():
     wall = statistics.median(x[1] for x in v)
     print(f"| {k} | {statistics.median(x[0] for x in v):.1f} | {wall:.1f} | {wall / base:.2f} | {v[-1][2]} |")
 
-
-def gpu_only(fn):
-    """GPU time of fn's work alone: the GPU is held busy until the CPU has issued all of it."""
-    torch.cuda.synchronize()
-    torch.cuda._sleep(200_000_000)  # ~100 ms of GPU spinning
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end)
-
-
-with torch.no_grad():
-    plain_gpu = statistics.median(gpu_only(lambda: m(**inp)) for _ in range(5))
-probe = CaptureSession(TraceWriter(f"{tmp.name}/g.h5", {}), save_data=False, fast_gpu_stats=True)
-with ModuleProbe(m, probe), torch.no_grad():
-    fast_gpu = statistics.median(gpu_only(lambda: m(**inp)) for _ in range(5))
-x = torch.randn(2048 * 3072, device="cuda", dtype=torch.bfloat16)
-buf = fused_stats.FusedStatsBuffer("cuda", 4096)
-kernel = statistics.median(gpu_only(lambda: [buf.add(x) for _ in range(100)]) for _ in range(3)) / 100
-print(f"GPU-only time: plain forward {plain_gpu:.1f} ms, fast-path forward {fast_gpu:.1f} ms; stats kernel on a "
-      f"[2048, 3072] bf16 tensor {kernel * 1e3:.1f} us ({x.numel() * 2 / kernel / 1e6:.0f} GB/s)")
