@@ -140,9 +140,10 @@ class TraceWriter:
 
     def write_block(self, records: list, host_stats, event, device) -> None:
         """Queue a block of module records from the fast GPU stats path (probes/session.emit_module):
-        tuples (record id, source, shape, stride, storage_offset, dtype, stats row, alias id) of
-        tensors on ``device``, their stats in ``host_stats`` (pinned [rows, 9]) once ``event`` has
-        completed."""
+        tuples (record id, source, shape, stride, storage_offset, dtype, stats row, alias id[, device])
+        of tensors on ``device`` (or a fast_records Block that makes them), their stats in
+        ``host_stats`` (pinned [rows, 9]) once ``event`` has completed, or a list of (host, event)
+        parts in row order."""
         if self._error is not None:
             raise self._error
         if self.synchronous:
@@ -218,7 +219,9 @@ class TraceWriter:
         row = {**record, **snap.layout, "seq": seq, "has_data": has_data}
         self._append(seq, row, snap.stats_numpy(host))
 
-    def _write_block(self, records: list, host_stats, event, device) -> None:
+    def _write_block(self, records, host_stats, event, device) -> None:
+        if not isinstance(records, list):  # a fast_records Block: its tuples are built here, off the model's path
+            records = records.records()
         if isinstance(host_stats, list):  # parts [(host, event), ...] of several stats buffers, in row order
             for _, ev in host_stats:
                 if ev is not None:

@@ -41,6 +41,43 @@ struct Record {
   std::string alias_slot;
 };
 
+// Records and their stats buffers, handed from the model's thread to the writer's.
+struct Block {
+  std::vector<Record> recs;
+  std::vector<at::Tensor> buffers;
+  std::vector<std::vector<int64_t>> numels;
+
+  int64_t size() const { return (int64_t)recs.size(); }
+
+  // tuples for TraceWriter.write_block
+  py::list records() const {
+    py::list out;
+    for (auto& r : recs) {
+      py::tuple shape(r.shape.size()), stride(r.stride.size());
+      for (size_t i = 0; i < r.shape.size(); ++i) shape[i] = r.shape[i];
+      for (size_t i = 0; i < r.stride.size(); ++i) stride[i] = r.stride[i];
+      py::object dtype = py::reinterpret_borrow<py::object>((PyObject*)torch::getTHPDtype(r.dtype));
+      py::tuple rid = py::make_tuple(r.module, r.direction, r.call, r.slot);
+      py::object alias = r.is_alias ? (py::object)py::make_tuple(r.alias_module, r.alias_direction, r.alias_call,
+                                                                 r.alias_slot)
+                                    : py::none();
+      out.append(py::make_tuple(rid, r.source, shape, stride, r.offset, dtype, r.row, alias, r.device));
+    }
+    return out;
+  }
+
+  // [(raw buffer, rows, numels), ...]
+  py::list buffers_list() const {
+    py::list out;
+    for (size_t i = 0; i < buffers.size(); ++i) {
+      py::list numel;
+      for (auto n : numels[i]) numel.append(n);
+      out.append(py::make_tuple(buffers[i], (int64_t)numels[i].size(), numel));
+    }
+    return out;
+  }
+};
+
 struct Seen {
   c10::weak_intrusive_ptr<c10::TensorImpl> impl;
   uint32_t version;
@@ -95,31 +132,21 @@ class Recorder {
 
   void forget() { seen_.clear(); }
 
-  // (records as tuples, [(raw buffer, rows, numels), ...]) of everything since the last take().
-  py::tuple take() {
-    py::list recs;
-    for (auto& r : records_) {
-      py::tuple shape(r.shape.size()), stride(r.stride.size());
-      for (size_t i = 0; i < r.shape.size(); ++i) shape[i] = r.shape[i];
-      for (size_t i = 0; i < r.stride.size(); ++i) stride[i] = r.stride[i];
-      py::object dtype = py::reinterpret_borrow<py::object>((PyObject*)torch::getTHPDtype(r.dtype));
-      py::tuple rid = py::make_tuple(r.module, r.direction, r.call, r.slot);
-      py::object alias = r.is_alias ? (py::object)py::make_tuple(r.alias_module, r.alias_direction, r.alias_call,
-                                                                 r.alias_slot)
-                                    : py::none();
-      recs.append(py::make_tuple(rid, r.source, shape, stride, r.offset, dtype, r.row, alias, r.device));
-    }
-    py::list bufs;
-    for (size_t i = 0; i < buffers_.size(); ++i) {
-      py::list numel;
-      for (auto n : numels_[i]) numel.append(n);
-      bufs.append(py::make_tuple(buffers_[i], (int64_t)numels_[i].size(), numel));
-    }
+  // Everything since the last detach(), moved out in O(1): the conversion to Python objects is left to
+  // the trace writer's thread, after the forward (Block.records()).
+  Block detach() {
+    Block b{std::move(records_), std::move(buffers_), std::move(numels_)};
     records_.clear();
     buffers_.clear();
     numels_.clear();
     rows_before_ = 0;
-    return py::make_tuple(recs, bufs);
+    return b;
+  }
+
+  // (records as tuples, [(raw buffer, rows, numels), ...]) of everything since the last take().
+  py::tuple take() {
+    Block b = detach();
+    return py::make_tuple(b.records(), b.buffers_list());
   }
 
  private:
@@ -260,5 +287,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("record", &Recorder::record)
       .def("pending", &Recorder::pending)
       .def("forget", &Recorder::forget)
-      .def("take", &Recorder::take);
+      .def("take", &Recorder::take)
+      .def("detach", &Recorder::detach);
+  py::class_<Block>(m, "Block")
+      .def("__len__", &Block::size)
+      .def("records", &Block::records)
+      .def("buffers", &Block::buffers_list);
 }

@@ -240,10 +240,10 @@ class CaptureSession:
 
     def _flush_block(self) -> None:
         if self._rec is not None and self._rec.pending():
-            records, buffers = self._rec.take()
-            parts = [fused_stats.FusedStatsBuffer.from_raw(raw, numel).finish() for raw, _, numel in buffers]
-            self.writer.write_block(records, parts, None, None)
-            self.records += len(records)
+            block = self._rec.detach()  # its records become Python tuples in the writer's thread
+            parts = [fused_stats.FusedStatsBuffer.from_raw(raw, numel).finish() for raw, _, numel in block.buffers()]
+            self.writer.write_block(block, parts, None, None)
+            self.records += len(block)
         if not self._block:
             return
         block, self._block = self._block, []
