@@ -130,6 +130,43 @@ class Recorder {
 
   int64_t pending() const { return (int64_t)records_.size(); }
 
+  // Nesting of module calls (the C++ wrappers and the Python hook path share it): enter() says
+  // whether this call is a root forward.
+  bool enter() { return depth_++ == 0; }
+  void leave() { if (depth_ > 0) --depth_; }
+
+  // 'file.py:LINE in func' of the innermost Python frame whose file is not skipped (torch, tensordiff's
+  // probes): what user_source_line() gives, without materialising Python frames one by one in Python.
+  py::object source_line(py::object is_skipped) {
+    PyFrameObject* frame = PyEval_GetFrame();  // borrowed
+    Py_XINCREF(frame);
+    for (int i = 0; frame != nullptr && i < 64; ++i) {
+      PyCodeObject* code = PyFrame_GetCode(frame);
+      PyObject* fname = code->co_filename;
+      auto it = skip_.find(fname);
+      bool skip;
+      if (it == skip_.end()) {
+        skip = is_skipped(py::handle(fname)).cast<bool>();
+        Py_INCREF(fname);  // keep the key alive: its address must not be reused
+        skip_.emplace(fname, skip);
+      } else {
+        skip = it->second;
+      }
+      if (!skip) {
+        PyObject* out = PyUnicode_FromFormat("%U:%d in %U", fname, PyFrame_GetLineNumber(frame), code->co_name);
+        Py_DECREF(code);
+        Py_DECREF(frame);
+        return py::reinterpret_steal<py::object>(out);
+      }
+      Py_DECREF(code);
+      PyFrameObject* back = PyFrame_GetBack(frame);  // new reference
+      Py_DECREF(frame);
+      frame = back;
+    }
+    Py_XDECREF(frame);
+    return py::str("");
+  }
+
   void forget() { seen_.clear(); }
 
   // Everything since the last detach(), moved out in O(1): the conversion to Python objects is left to
@@ -277,6 +314,60 @@ class Recorder {
   std::vector<std::vector<int64_t>> numels_;
   int64_t rows_before_ = 0;
   std::unordered_map<Key, Seen, KeyHash> seen_;
+  int64_t depth_ = 0;
+  std::unordered_map<PyObject*, bool> skip_;
+};
+
+// A module's forward, probed: what ModuleProbe's Python wrapper does (call count, root forward
+// begin / end, source line, records of args / kwargs / output) in one C++ call per module call.
+class Probed {
+ public:
+  Probed(py::object forward, py::object name, bool wanted, py::object recorder, py::object on_begin,
+         py::object on_end, py::object emit_other, py::object is_skipped)
+      : forward_(std::move(forward)), name_(std::move(name)), wanted_(wanted), recorder_(std::move(recorder)),
+        rec_(recorder_.cast<Recorder*>()), on_begin_(std::move(on_begin)), on_end_(std::move(on_end)),
+        emit_other_(std::move(emit_other)), is_skipped_(std::move(is_skipped)),
+        forward_str_(py::str("forward")), empty_(py::str("")) {}
+
+  py::object call(py::args args, py::kwargs kwargs) {
+    int64_t call = calls_++;
+    bool root = rec_->enter();
+    if (root) on_begin_();
+    if (wanted_) {
+      py::object src = rec_->source_line(is_skipped_);
+      others(rec_->record(args, name_, forward_str_, call, "input", src, false), call, src);
+      if (PyDict_GET_SIZE(kwargs.ptr()) > 0)
+        others(rec_->record(kwargs, name_, forward_str_, call, "input", src, false), call, src);
+    }
+    py::object out;
+    try {
+      out = forward_(*args, **kwargs);
+    } catch (...) {
+      rec_->leave();
+      if (root) on_end_();  // what was captured before the error still lands
+      throw;
+    }
+    rec_->leave();
+    if (wanted_) others(rec_->record(out, name_, forward_str_, call, "output", empty_, true), call, empty_);
+    if (root) on_end_();
+    return out;
+  }
+
+ private:
+  void others(py::object pairs, int64_t call, py::object& src) {
+    if (pairs.is_none()) return;
+    for (py::handle pair : pairs) {
+      py::tuple p = py::reinterpret_borrow<py::tuple>(pair);
+      emit_other_(name_, call, p[0], src, p[1]);
+    }
+  }
+
+  py::object forward_, name_;
+  bool wanted_;
+  py::object recorder_;
+  Recorder* rec_;
+  py::object on_begin_, on_end_, emit_other_, is_skipped_, forward_str_, empty_;
+  int64_t calls_ = 0;
 };
 
 }  // namespace
@@ -288,7 +379,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("pending", &Recorder::pending)
       .def("forget", &Recorder::forget)
       .def("take", &Recorder::take)
-      .def("detach", &Recorder::detach);
+      .def("detach", &Recorder::detach)
+      .def("enter", &Recorder::enter)
+      .def("leave", &Recorder::leave);
+  py::class_<Probed>(m, "Probed", py::dynamic_attr())
+      .def(py::init<py::object, py::object, bool, py::object, py::object, py::object, py::object, py::object>())
+      .def("__call__", &Probed::call);
   py::class_<Block>(m, "Block")
       .def("__len__", &Block::size)
       .def("records", &Block::records)

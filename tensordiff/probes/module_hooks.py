@@ -15,7 +15,7 @@ import torch
 
 from tensordiff.errors import TensordiffError
 from tensordiff.probes.replay import local_error
-from tensordiff.probes.session import ROOT, CaptureSession, flatten_tensors, user_source_line
+from tensordiff.probes.session import ROOT, CaptureSession, flatten_tensors, is_skipped_file, user_source_line
 
 
 def _outputs(output):
@@ -52,8 +52,17 @@ class ModuleProbe:
         self._open_calls: list = []     # hook path: the state of each open call
         self._replay_inputs: list = []  # reference-side copies of the inputs of each open call
 
+    def _emit_other(self, name, call, slot, source, tensor):
+        self.session.emit_module(name, "forward", call, slot, source, tensor)
+
     def __enter__(self):
         from torch.nn.modules import module as nn_module
+
+        self._probed_cls = None
+        if self.session._rec is not None:
+            from tensordiff.probes import fast_records
+
+            self._probed_cls = getattr(fast_records._load(), "Probed", None)
 
         global_hooks = bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
         for raw_name, mod in self.model.named_modules():
@@ -90,7 +99,8 @@ class ModuleProbe:
     def _enter(self, name: str, wanted: bool, args, kwargs) -> tuple:
         session = self.session
         call = session.next_call(name, "forward")
-        is_root = not session.scopes
+        # with the C++ wrappers some calls never touch session.scopes: the recorder keeps the depth
+        is_root = session._rec.enter() if session._rec is not None else not session.scopes
         scope = f"{name}/forward#{call}"
         session.scopes.append((name, scope))
         if is_root:
@@ -121,6 +131,8 @@ class ModuleProbe:
         call, is_root, scope = state
         if session.scopes:
             session.scopes.pop()
+        if session._rec is not None:
+            session._rec.leave()
         if session._progress_fd is not None:
             session.progress(f"{session.current_scope()[1]} (after {scope})")
         if wanted and not failed:
@@ -146,6 +158,17 @@ class ModuleProbe:
             session.end_of_forward()  # no stats wait past a root forward; what came before an error lands
 
     def _wrap(self, name: str, wanted: bool, forward):
+        session = self.session
+        if session._rec is not None and self._probed_cls is not None:
+            # fast GPU stats: the whole wrapper in C++ (fast_records.Probed), one call per module call
+            probed = self._probed_cls(forward, name, wanted, session._rec, session.begin_forward,
+                                      session.end_of_forward, self._emit_other, is_skipped_file)
+            for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
+                if hasattr(forward, attr):
+                    setattr(probed, attr, getattr(forward, attr))
+            probed.__wrapped__ = forward  # inspect.signature(module.forward) still sees the real one
+            return probed
+
         @functools.wraps(forward)
         def probed_forward(*args, **kwargs):
             state = self._enter(name, wanted, args, kwargs)

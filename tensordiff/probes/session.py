@@ -37,6 +37,11 @@ _SKIP_DIRS = (str(Path(torch.__file__).parent), str(_PACKAGE / "probes"), str(_P
 _SKIP_FILE: dict[str, bool] = {}  # co_filename -> not user code (a dict hit instead of prefix tests)
 
 
+def is_skipped_file(fname: str) -> bool:
+    """Frames of this file are never 'the user's line' (torch, tensordiff's capture machinery)."""
+    return fname.startswith(_SKIP_DIRS) or fname.startswith("<")
+
+
 def user_source_line(max_depth: int = 64, start: int = 1) -> str:
     """'file.py:LINE in func' of the innermost frame outside torch and tensordiff. ``start`` skips
     frames known to be ours without materialising them (each frame object costs ~1 us on 3.12)."""
@@ -51,7 +56,7 @@ def user_source_line(max_depth: int = 64, start: int = 1) -> str:
         fname = code.co_filename
         skip = _SKIP_FILE.get(fname)
         if skip is None:
-            skip = _SKIP_FILE[fname] = fname.startswith(_SKIP_DIRS) or fname.startswith("<")
+            skip = _SKIP_FILE[fname] = is_skipped_file(fname)
         if not skip:
             return f"{fname}:{frame.f_lineno} in {code.co_name}"
         frame = frame.f_back
