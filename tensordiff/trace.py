@@ -113,8 +113,9 @@ class TraceWriter:
         # acknowledged can be lost in a queue when the process dies.
         self.synchronous = synchronous
         self.before_block = lambda: None  # called before write() waits for the queue to drain
-        # Set while no model is running. Stats-only blocks wait for it: the writer's Python (JSON rows,
-        # h5py calls) holds the GIL, and a GPU forward bound by the CPU issuing kernels would wait on it.
+        # Set while no traced run is going on. Stats-only blocks wait for it (or for 64 blocks queued):
+        # the writer's Python (JSON rows, h5py calls) holds the GIL, and a GPU forward bound by the CPU
+        # issuing kernels would wait on it.
         self.quiet = threading.Event()
         self.quiet.set()
         self._thread = threading.Thread(target=self._drain, name="tensordiff-writer", daemon=True)
@@ -186,7 +187,8 @@ class TraceWriter:
                 if item[0] == "meta":
                     self._update_metadata(item[1])
                 elif isinstance(item[0], tuple) and item[0][0] == "block":
-                    while not self.quiet.is_set() and self._queue.qsize() < 64:
+                    # (records with data behind it could fill the byte budget the model waits on: go on)
+                    while not self.quiet.is_set() and self._queue.qsize() < 64 and self._pending_bytes == 0:
                         self.quiet.wait(0.05)
                     self._write_block(item[0][1], *item[1])
                 else:

@@ -104,6 +104,7 @@ def capture(model: torch.nn.Module, inputs, path, level: str = "module", save: s
             session.flush_stats()
             _sync()
             seconds = time.perf_counter() - start
+            writer.quiet.set()  # the traced run is over: the writer may write the index rows now
         writer.set_metadata(traced_seconds=seconds, replay=replayer is not None,
                             replay_failures=dict(list(replayer.failures.items())[:50]) if replayer else {})
     return CaptureResult(str(path), session.records, seconds, output)

@@ -182,12 +182,13 @@ class CaptureSession:
             self.writer.quiet.clear()  # stats blocks wait: the writer's Python would slow the forward
 
     def end_of_forward(self) -> None:
-        """The root module returned: hand over every pending stat, forget tensor identities."""
+        """The root module returned: hand over every pending stat, forget tensor identities. The
+        writer stays quiet until the run ends (capture() or the writer's close say so): its Python
+        would otherwise hold the GIL right when the caller syncs on the forward's results."""
         self.flush_stats()
         self._fast_seen.clear()
         if self._rec is not None:
             self._rec.forget()
-        self.writer.quiet.set()
 
     # -- module records ------------------------------------------------------------------------
     def emit_module(self, module: str, direction: str, call: int, slot: str, source: str, t: torch.Tensor,
