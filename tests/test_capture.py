@@ -128,3 +128,30 @@ def test_cpp_recorder_writes_the_same_records_as_the_general_path(tmp_path):
     assert set(general[general["alias_of"].notna()]["key"]) < set(aliased["key"])
     assert cpp.loc["model.layers.0.self_attn.q_norm/forward#0/input.0", "alias_of"] == \
         "model.layers.0.self_attn.q_proj/forward#0/output.0"
+
+
+def test_cpp_wrapper_with_backward_keeps_every_record_in_order(tmp_path):
+    """Fast mode with gradients: forward records from the C++ wrapper, backward records from the
+    backward hooks, in the same order and with the same keys as the general path."""
+    from tensordiff.probes import fast_records
+    from tensordiff.probes.module_hooks import ModuleProbe
+    from tensordiff.probes.session import CaptureSession
+    from tensordiff.trace import TraceWriter
+    from tensordiff.tracing import _forward_then_backward
+
+    bundle = load_model("qwen", size="tiny", seq_len=16)
+
+    def run(path, cpp):
+        with TraceWriter(path, {}) as w:
+            s = CaptureSession(w, save_data=False)
+            if cpp:
+                s._fast, s._rec = True, fast_records.recorder(1024, accept_cpu=True)
+            with ModuleProbe(bundle.model, s, backward=True):
+                _forward_then_backward(bundle.model, bundle.inputs, True, session=s)
+            s.flush_stats()
+        bundle.model.zero_grad(set_to_none=True)
+        return tensordiff.open_trace(path).index
+
+    general, cpp = run(tmp_path / "g.h5", False), run(tmp_path / "c.h5", True)
+    assert list(general["key"]) == list(cpp["key"])
+    assert (cpp["direction"] == "backward").sum() > 50 and list(cpp["seq"]) == list(range(len(cpp)))
