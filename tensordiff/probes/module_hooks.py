@@ -138,22 +138,17 @@ class ModuleProbe:
         if wanted and not failed:
             if session._rec is not None:  # fast mode, C++ recorder
                 session.record_tensors(output, name, "forward", call, "output", "", True)
-                if is_root:
-                    session.end_of_forward()
-                return
-            if isinstance(output, torch.Tensor) and session.replayer is None:  # the common case
+            elif isinstance(output, torch.Tensor) and session.replayer is None:  # the common case
                 session.emit_module(name, "forward", call, "output.0", "", output)
-                if is_root:
-                    session.end_of_forward()
-                return
-            replayed = self._replay(name, session) if session.replayer is not None else {}
-            for slot, t in _named_tensors(_outputs(output), "output"):
-                extra = None
-                if slot in replayed:
-                    local = session.quietly(local_error, t, replayed[slot])
-                    if local is not None:
-                        extra = {"local_rel_l2": local[0], "local_max_abs": local[1]}
-                session.emit_module(name, "forward", call, slot, "", t, extra)
+            else:
+                replayed = self._replay(name, session) if session.replayer is not None else {}
+                for slot, t in _named_tensors(_outputs(output), "output"):
+                    extra = None
+                    if slot in replayed:
+                        local = session.quietly(local_error, t, replayed[slot])
+                        if local is not None:
+                            extra = {"local_rel_l2": local[0], "local_max_abs": local[1]}
+                    session.emit_module(name, "forward", call, slot, "", t, extra)
         if is_root:
             session.end_of_forward()  # no stats wait past a root forward; what came before an error lands
 
