@@ -63,6 +63,13 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+def module_record(module: str, direction: str, call: int, slot: str, source: str = "") -> dict:
+    """The index fields of a module record (the key schema of this file's docstring)."""
+    scope = f"{module}/{direction}#{call}"
+    return {"key": f"{scope}/{slot}", "kind": "module", "direction": direction, "module": module,
+            "call": call, "scope": scope, "op": "", "op_index": -1, "slot": slot, "source": source}
+
+
 def _is_contiguous(shape, stride) -> bool:
     """torch's rule: row-major strides, ignoring dimensions of size 1; empty tensors are contiguous."""
     expected = 1
@@ -139,18 +146,17 @@ class TraceWriter:
             self._pending_bytes += nbytes
         self._queue.put((record, snap, nbytes))
 
-    def write_block(self, records: list, host_stats, event, device) -> None:
+    def write_block(self, records, parts: list, device) -> None:
         """Queue a block of module records from the fast GPU stats path (probes/session.emit_module):
         tuples (record id, source, shape, stride, storage_offset, dtype, stats row, alias id[, device])
-        of tensors on ``device`` (or a fast_records Block that makes them), their stats in
-        ``host_stats`` (pinned [rows, 9]) once ``event`` has completed, or a list of (host, event)
-        parts in row order."""
+        of tensors on ``device`` (or a fast_records Block that makes them), and their stats: parts
+        [(pinned host [rows, 9], CUDA event or None), ...] in row order, valid once each event is done."""
         if self._error is not None:
             raise self._error
         if self.synchronous:
-            self._write_block(records, host_stats, event, device)
+            self._write_block(records, parts, device)
         else:
-            self._queue.put((("block", records), (host_stats, event, device), 0))
+            self._queue.put((("block", records), (parts, device), 0))
 
     @property
     def acknowledged(self) -> int:
@@ -221,33 +227,22 @@ class TraceWriter:
         row = {**record, **snap.layout, "seq": seq, "has_data": has_data}
         self._append(seq, row, snap.stats_numpy(host))
 
-    def _write_block(self, records, host_stats, event, device) -> None:
+    def _write_block(self, records, parts: list, device) -> None:
         if not isinstance(records, list):  # a fast_records Block: its tuples are built here, off the model's path
             records = records.records()
-        if isinstance(host_stats, list):  # parts [(host, event), ...] of several stats buffers, in row order
-            for _, ev in host_stats:
-                if ev is not None:
-                    ev.synchronize()
-            stats = np.concatenate([h.numpy() for h, _ in host_stats]) if host_stats else None
-        else:
+        for _, event in parts:
             if event is not None:
                 event.synchronize()  # releases the GIL
-            stats = host_stats.numpy().copy() if host_stats is not None else None
+        stats = np.concatenate([host.numpy() for host, _ in parts]) if parts else None
         device = str(device)
         for rid, source, shape, stride, offset, dtype, row, alias, *own_device in records:
-            module, direction, call, slot = rid
-            scope = f"{module}/{direction}#{call}"
-            layout = {"shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
-                      "device": own_device[0] if own_device else device,
-                      "stride": list(stride), "storage_offset": int(offset),
-                      "contiguous": _is_contiguous(shape, stride)}
-            rec = {"key": f"{scope}/{slot}", "kind": "module", "direction": direction, "module": module,
-                   "call": call, "scope": scope, "op": "", "op_index": -1, "slot": slot, "source": source,
-                   **layout, "seq": self.count}
+            rec = module_record(*rid, source)
+            rec.update(shape=list(shape), dtype=str(dtype).replace("torch.", ""),
+                       device=own_device[0] if own_device else device, stride=list(stride),
+                       storage_offset=int(offset), contiguous=_is_contiguous(shape, stride), seq=self.count)
             if alias is not None:
-                a_module, a_direction, a_call, a_slot = alias
-                original = self._seq_of[f"{a_module}/{a_direction}#{a_call}/{a_slot}"]
-                rec["alias_of"] = f"{a_module}/{a_direction}#{a_call}/{a_slot}"
+                rec["alias_of"] = module_record(*alias)["key"]
+                original = self._seq_of[rec["alias_of"]]
                 rec["has_data"] = self._has_data_by_seq[original]
                 self._append(self.count, rec, self._stats_by_seq[original])
             else:

@@ -97,7 +97,7 @@ def test_block_of_fast_records_is_written_with_layouts_and_aliases(tmp_path):
               ("a", "forward", 0, "output.0")),
              (("b", "forward", 0, "output.0"), "", torch.Size([4, 1, 2]), (2, 99, 1), 5, torch.float32, 1, None)]
     with TraceWriter(tmp_path / "t.h5", {}) as w:
-        w.write_block(block, stats, None, "cuda:0")
+        w.write_block(block, [(stats, None)], "cuda:0")
     idx = open_trace(tmp_path / "t.h5").index
     assert list(idx["key"]) == ["a/forward#0/output.0", "b/forward#0/input.0", "b/forward#0/output.0"]
     a, b_in, b_out = (idx.loc[k] for k in idx["key"])

@@ -206,12 +206,9 @@ class FusedStatsBuffer:
         self._programs = _max_programs(self.device)
         # One allocation, laid out as fused_stats.cu expects: float min/max, double sums, int64 counts.
         raw = torch.zeros(capacity * 56, dtype=torch.uint8, device=self.device)
-        self.minmax = raw[:capacity * 8].view(torch.float32).view(capacity, 2)
-        self.sums = raw[capacity * 8:capacity * 32].view(torch.float64).view(capacity, 3)
-        self.counts = raw[capacity * 32:].view(torch.int64).view(capacity, 3)
+        self._set_views(raw)
         self.minmax[:, 0] = float("inf")
         self.minmax[:, 1] = float("-inf")
-        self._raw = raw
         self.numel: list[int] = []
         self._cuda = _cuda_library() if self.device.type == "cuda" else None
         self._base = raw.data_ptr()
@@ -222,12 +219,17 @@ class FusedStatsBuffer:
     def from_raw(cls, raw: torch.Tensor, numel: list) -> "FusedStatsBuffer":
         """A buffer filled elsewhere (fast_records.cpp), ready for finish()."""
         buf = cls.__new__(cls)
-        capacity = raw.numel() // 56
-        buf.device, buf.capacity, buf.rows, buf.numel, buf._raw = raw.device, capacity, len(numel), list(numel), raw
-        buf.minmax = raw[:capacity * 8].view(torch.float32).view(capacity, 2)
-        buf.sums = raw[capacity * 8:capacity * 32].view(torch.float64).view(capacity, 3)
-        buf.counts = raw[capacity * 32:].view(torch.int64).view(capacity, 3)
+        buf.device, buf.capacity, buf.rows, buf.numel = raw.device, raw.numel() // 56, len(numel), list(numel)
+        buf._set_views(raw)
         return buf
+
+    def _set_views(self, raw: torch.Tensor) -> None:
+        """The layout of fused_stats.cu: float {min, max}, double {sum, sum |x|, sum x^2}, int64 counts."""
+        cap = raw.numel() // 56
+        self._raw = raw
+        self.minmax = raw[:cap * 8].view(torch.float32).view(cap, 2)
+        self.sums = raw[cap * 8:cap * 32].view(torch.float64).view(cap, 3)
+        self.counts = raw[cap * 32:].view(torch.int64).view(cap, 3)
 
     def add(self, t: torch.Tensor, contiguous: bool | None = None) -> int | None:
         """Launch the stats of t into the next row; the row index, or None when full."""

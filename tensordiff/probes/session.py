@@ -24,6 +24,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from tensordiff.probes import fused_stats
 from tensordiff.probes.gpu_stats import StatsBatcher
 from tensordiff.probes.snapshot import Snapshot, snapshot, tensor_layout
+from tensordiff.trace import module_record
 
 ROOT = "__root__"
 BLOCK_RECORDS = 1024  # fast GPU stats: records per stats buffer and per writer block
@@ -61,12 +62,6 @@ def user_source_line(max_depth: int = 64, start: int = 1) -> str:
             return f"{fname}:{frame.f_lineno} in {code.co_name}"
         frame = frame.f_back
     return ""
-
-
-def module_record(module: str, direction: str, call: int, slot: str, source: str = "") -> dict:
-    scope = f"{module}/{direction}#{call}"
-    return {"key": f"{scope}/{slot}", "kind": "module", "direction": direction, "module": module,
-            "call": call, "scope": scope, "op": "", "op_index": -1, "slot": slot, "source": source}
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -129,7 +124,6 @@ class CaptureSession:
         self._block: list = []            # record tuples waiting for their stats buffer's copy to host
         self._block_stats = None          # fused_stats.FusedStatsBuffer of the block
         self._fast_seen: dict = {}        # (ptr, numel, dtype) or id -> (weakref, version, record id)
-        self._fast_on_cpu = False         # tests only: the fast path on CPU tensors (Triton's interpreter)
         # The same work in C++ (probes/fast_records.cpp) when it builds: ~1 us per record instead of ~10.
         self._rec = None
         if self._fast:
@@ -195,7 +189,7 @@ class CaptureSession:
                     extra: dict | None = None) -> None:
         """One module record. CUDA tensors in fast mode cost a few microseconds here: a tuple, an alias
         lookup and one stats kernel launch; the writer thread builds the index row later."""
-        if self._fast and (t.is_cuda or self._fast_on_cpu) and extra is None:
+        if self._fast and t.is_cuda and extra is None:
             # inlined _emit_fast for an alias (half of all module records): no stats, no launch
             version = t._version
             contiguous = t.is_contiguous()
@@ -248,14 +242,14 @@ class CaptureSession:
         if self._rec is not None and self._rec.pending():
             block = self._rec.detach()  # its records become Python tuples in the writer's thread
             parts = [fused_stats.FusedStatsBuffer.from_raw(raw, numel).finish() for raw, _, numel in block.buffers()]
-            self.writer.write_block(block, parts, None, None)
+            self.writer.write_block(block, parts, None)  # each record carries its device
             self.records += len(block)
         if not self._block:
             return
         block, self._block = self._block, []
         buf, self._block_stats = self._block_stats, None
-        host, event = buf.finish() if buf is not None else (None, None)
-        self.writer.write_block(block, host, event, buf.device if buf is not None else "cpu")
+        self.writer.write_block(block, [buf.finish()] if buf is not None else [],
+                                buf.device if buf is not None else "cpu")
 
     def quietly(self, fn, *args):
         """Run our own tensor work (replays, copies) without the op probe recording it."""
