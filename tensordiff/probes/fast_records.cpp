@@ -1,21 +1,25 @@
-// The per-record work of fast module-level GPU stats, out of Python.
+// The per-module-call work of fast module-level GPU stats, out of Python.
 //
-// The forward wrappers (probes/module_hooks.py) hand each module call's args, kwargs and output to
-// Recorder.record(). For every tensor inside (tuples, lists and dicts walked here; anything else is
-// flattened by the Python callable given at construction) it
+// Probed replaces a module's forward (probes/module_hooks.py): one vectorcall per module call that
+// counts the call, opens / closes the root forward, finds the user's source line, records the
+// tensors of args, kwargs and output, and calls the real forward with the caller's argument array
+// (nothing copied). For every tensor (tuples, lists and dicts walked here; anything else flattened by
+// the Python callable given at construction) the Recorder
 //   * recognises data captured before and unchanged since (same TensorImpl, or a contiguous view of
 //     the same memory, with the same version counter, while the captured tensor is alive): an alias
 //     record, nothing launched;
 //   * otherwise launches the fused stats kernel (fused_stats.cu, through the function pointer of the
 //     nvcc-built library) on the caller's stream into the next row of a device buffer.
-// The Python version of this costs ~10-15 us per record on the lent H100's host; this ~1 us.
-// take() hands the records (as tuples for TraceWriter.write_block) and the stats buffers to Python.
+// Records are plain structs: module names, slots, source lines and devices are Python strings made
+// once and referred to by index, so a record allocates no Python object on the model's thread. The
+// writer's thread turns a detached Block into tuples for TraceWriter.write_block after the forward.
 #include <torch/extension.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/csrc/DynamicTypes.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cmath>
+#include <memory>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -26,43 +30,99 @@ namespace {
 
 using LaunchFn = int (*)(const void*, long long, int, long long, char*, long long, void*);
 
-struct Record {
-  py::object module, direction, source;
-  int64_t call;
-  std::string slot;
-  std::vector<int64_t> shape, stride;
-  int64_t offset;
-  at::ScalarType dtype;
-  std::string device;
-  int64_t row;    // global row over this block's buffers; -1 for an alias
-  bool is_alias = false;  // then alias_* name the original record
-  py::object alias_module, alias_direction;
-  int64_t alias_call = 0;
-  std::string alias_slot;
+// Python strings that records point at by index. Shared by a Recorder and the Blocks it hands out,
+// so a Block stays readable after its Recorder is gone. Touched only with the GIL held.
+struct Strings {
+  std::vector<PyObject*> items;  // owned references
+  std::unordered_map<PyObject*, int32_t> by_object;  // an object already interned (borrowed key)
+
+  ~Strings() {
+    if (!Py_IsInitialized()) return;  // interpreter gone: nothing to release
+    py::gil_scoped_acquire gil;
+    for (PyObject* o : items) Py_DECREF(o);
+  }
+  // Takes a new reference to s.
+  int32_t add_new(PyObject* s) {
+    items.push_back(s);
+    return (int32_t)items.size() - 1;
+  }
+  // The id of an existing string object (keyed by identity: module names and the like are the same
+  // object on every call).
+  int32_t intern(PyObject* s) {
+    auto it = by_object.find(s);
+    if (it != by_object.end()) return it->second;
+    Py_INCREF(s);
+    int32_t id = add_new(s);
+    by_object.emplace(s, id);
+    return id;
+  }
+  PyObject* get(int32_t id) const { return items[id]; }
 };
+
+struct Rec {
+  int32_t module, direction, call, slot;
+  int32_t source;             // -1: no source line (outputs)
+  int32_t device;
+  int32_t alias_module = -1;  // alias_*: the original record's id, when this one is an alias
+  int32_t alias_direction = 0, alias_call = 0, alias_slot = 0;
+  int32_t dims_at;            // shape then stride in the Block's dims
+  int16_t ndim;
+  int16_t dtype;
+  int64_t offset;
+  int64_t row;                // global row over this block's buffers; -1 for an alias
+};
+
+PyObject* int_tuple(const int64_t* v, int n) {
+  PyObject* t = PyTuple_New(n);
+  for (int i = 0; i < n; ++i) PyTuple_SET_ITEM(t, i, PyLong_FromLongLong(v[i]));
+  return t;
+}
 
 // Records and their stats buffers, handed from the model's thread to the writer's.
 struct Block {
-  std::vector<Record> recs;
+  std::vector<Rec> recs;
+  std::vector<int64_t> dims;
   std::vector<at::Tensor> buffers;
   std::vector<std::vector<int64_t>> numels;
+  std::shared_ptr<Strings> strings;
 
   int64_t size() const { return (int64_t)recs.size(); }
 
-  // tuples for TraceWriter.write_block
+  // tuples (record id, source, shape, stride, storage_offset, dtype, row, alias id, device)
   py::list records() const {
-    py::list out;
-    for (auto& r : recs) {
-      py::tuple shape(r.shape.size()), stride(r.stride.size());
-      for (size_t i = 0; i < r.shape.size(); ++i) shape[i] = r.shape[i];
-      for (size_t i = 0; i < r.stride.size(); ++i) stride[i] = r.stride[i];
-      py::object dtype = py::reinterpret_borrow<py::object>((PyObject*)torch::getTHPDtype(r.dtype));
-      py::tuple rid = py::make_tuple(r.module, r.direction, r.call, r.slot);
-      py::object alias = r.is_alias ? (py::object)py::make_tuple(r.alias_module, r.alias_direction, r.alias_call,
-                                                                 r.alias_slot)
-                                    : py::none();
-      out.append(py::make_tuple(rid, r.source, shape, stride, r.offset, dtype, r.row, alias, r.device));
+    py::list out(recs.size());
+    PyObject* empty = PyUnicode_FromString("");
+    for (size_t i = 0; i < recs.size(); ++i) {
+      const Rec& r = recs[i];
+      auto s = [&](int32_t id) {
+        PyObject* o = id < 0 ? empty : strings->get(id);
+        Py_INCREF(o);
+        return o;
+      };
+      PyObject* rid = PyTuple_Pack(4, strings->get(r.module), strings->get(r.direction), py::int_(r.call).ptr(),
+                                   strings->get(r.slot));
+      PyObject* alias = Py_None;
+      if (r.alias_module >= 0) {
+        alias = PyTuple_Pack(4, strings->get(r.alias_module), strings->get(r.alias_direction),
+                             py::int_(r.alias_call).ptr(), strings->get(r.alias_slot));
+      } else {
+        Py_INCREF(Py_None);
+      }
+      PyObject* dtype = (PyObject*)torch::getTHPDtype((at::ScalarType)r.dtype);
+      Py_INCREF(dtype);
+      PyObject* tup = PyTuple_New(9);
+      PyTuple_SET_ITEM(tup, 0, rid);
+      PyTuple_SET_ITEM(tup, 1, s(r.source));
+      PyTuple_SET_ITEM(tup, 2, int_tuple(&dims[r.dims_at], r.ndim));
+      PyTuple_SET_ITEM(tup, 3, int_tuple(&dims[r.dims_at + r.ndim], r.ndim));
+      PyTuple_SET_ITEM(tup, 4, PyLong_FromLongLong(r.offset));
+      PyTuple_SET_ITEM(tup, 5, dtype);
+      PyTuple_SET_ITEM(tup, 6, PyLong_FromLongLong(r.row));
+      PyTuple_SET_ITEM(tup, 7, alias);
+      PyTuple_SET_ITEM(tup, 8, s(r.device));
+      PyList_SET_ITEM(out.ptr(), i, tup);
     }
+    Py_DECREF(empty);
     return out;
   }
 
@@ -81,9 +141,7 @@ struct Block {
 struct Seen {
   c10::weak_intrusive_ptr<c10::TensorImpl> impl;
   uint32_t version;
-  py::object module, direction;  // the original record's id, turned into a tuple only at take()
-  int64_t call;
-  std::string slot;
+  int32_t module, direction, call, slot;
 };
 
 struct Key {
@@ -98,6 +156,30 @@ struct KeyHash {
   }
 };
 
+// A child slot: (parent slot, index) or (parent slot, dict key object).
+struct SlotKey {
+  int32_t parent;
+  bool by_object;
+  intptr_t value;
+  bool operator==(const SlotKey& o) const {
+    return parent == o.parent && by_object == o.by_object && value == o.value;
+  }
+};
+struct SlotKeyHash {
+  size_t operator()(const SlotKey& k) const {
+    return std::hash<intptr_t>()(k.value) * 1000003u ^ (size_t)k.parent * 2 ^ (size_t)k.by_object;
+  }
+};
+
+struct SourceKey {
+  PyCodeObject* code;
+  int lasti;
+  bool operator==(const SourceKey& o) const { return code == o.code && lasti == o.lasti; }
+};
+struct SourceKeyHash {
+  size_t operator()(const SourceKey& k) const { return std::hash<void*>()(k.code) ^ ((size_t)k.lasti * 1000003u); }
+};
+
 int launch_code(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return 0;
@@ -108,24 +190,62 @@ int launch_code(at::ScalarType t) {
   }
 }
 
+// Raised as a Python exception by the callers (pybind11 or Probed's vectorcall).
+struct PythonError {};
+
 class Recorder {
  public:
   // accept_cpu: tests only (no launcher; rows are assigned, stats stay empty).
   Recorder(int64_t launch_fn, int64_t capacity, py::object flatten, bool accept_cpu)
       : launch_(reinterpret_cast<LaunchFn>(launch_fn)), capacity_(capacity), flatten_(std::move(flatten)),
-        accept_cpu_(accept_cpu) {}
+        accept_cpu_(accept_cpu), strings_(std::make_shared<Strings>()) {
+    py::str input("input"), output("output"), forward("forward");
+    input_ = strings_->intern(input.ptr());
+    output_ = strings_->intern(output.ptr());
+    forward_ = strings_->intern(forward.ptr());
+  }
+  ~Recorder() {
+    py::gil_scoped_acquire gil;
+    for (auto& kv : skip_) Py_DECREF(kv.first);
+    for (auto& kv : sources_) Py_DECREF(kv.first.code);
+    for (auto& kv : slots_) if (kv.first.by_object) Py_DECREF((PyObject*)kv.first.value);
+  }
 
-  // Records every CUDA tensor in obj; slots are prefix.i / prefix.key (a bare tensor: prefix.0).
-  // Returns the (slot, tensor) pairs of other tensors, for the general path.
-  py::object record(py::handle obj, py::object module, py::object direction, int64_t call,
-                    const std::string& prefix, py::object source, bool bare_tensor_is_tuple) {
-    Ctx ctx{module, direction, call, source, py::none()};
-    if (bare_tensor_is_tuple && THPVariable_Check(obj.ptr())) {
-      add(obj.ptr(), prefix + ".0", ctx);
-    } else {
-      walk(obj, prefix, 0, ctx);
+  struct Ctx {
+    int32_t module, direction, call, source;
+    PyObject* others = nullptr;  // new list of (slot, tensor) of tensors not taken, or null
+  };
+
+  // From Python (the hook path of modules with their own hooks): records every CUDA tensor in obj;
+  // slots are prefix.i / prefix.key (a bare tensor: prefix.0). Returns the (slot, tensor) pairs of
+  // other tensors, for the general path, or None.
+  py::object record(py::handle obj, py::str module, py::str direction, int64_t call, py::str prefix,
+                    py::str source, bool bare_tensor_is_tuple) {
+    Ctx ctx{strings_->intern(module.ptr()), strings_->intern(direction.ptr()), (int32_t)call,
+            PyUnicode_GET_LENGTH(source.ptr()) ? strings_->intern(source.ptr()) : -1};
+    try {
+      record_ids(obj.ptr(), strings_->intern(prefix.ptr()), bare_tensor_is_tuple, ctx);
+    } catch (PythonError&) {
+      Py_XDECREF(ctx.others);
+      throw py::error_already_set();
     }
-    return ctx.others;  // None, or a list: no Python allocation in the common case
+    return ctx.others ? py::reinterpret_steal<py::object>(ctx.others) : py::none();
+  }
+
+  void record_ids(PyObject* obj, int32_t slot, bool bare_tensor_is_tuple, Ctx& ctx) {
+    if (bare_tensor_is_tuple && THPVariable_Check(obj)) {
+      add(obj, child_slot(slot, false, 0), ctx);
+    } else {
+      walk(obj, slot, 0, ctx);
+    }
+  }
+
+  // Records the positional and keyword arguments of a vectorcall as "input.<i>" / "input.<name>".
+  void record_call_args(PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames, Ctx& ctx) {
+    for (Py_ssize_t i = 0; i < nargs; ++i) walk(args[i], child_slot(input_, false, i), 1, ctx);
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t i = 0; i < nkw; ++i)
+      walk(args[nargs + i], child_slot(input_, true, (intptr_t)PyTuple_GET_ITEM(kwnames, i)), 1, ctx);
   }
 
   int64_t pending() const { return (int64_t)records_.size(); }
@@ -135,28 +255,49 @@ class Recorder {
   bool enter() { return depth_++ == 0; }
   void leave() { if (depth_ > 0) --depth_; }
 
-  // 'file.py:LINE in func' of the innermost Python frame whose file is not skipped (torch, tensordiff's
-  // probes): what user_source_line() gives, without materialising Python frames one by one in Python.
-  py::object source_line(py::object is_skipped) {
+  // The source line ('file.py:LINE in func') of the innermost Python frame whose code is not skipped
+  // (torch, tensordiff's probes) as a string id. Cached per (code object, instruction): a call site
+  // costs one frame walk and its string is made once.
+  int32_t source_id(PyObject* is_skipped) {
     PyFrameObject* frame = PyEval_GetFrame();  // borrowed
     Py_XINCREF(frame);
     for (int i = 0; frame != nullptr && i < 64; ++i) {
-      PyCodeObject* code = PyFrame_GetCode(frame);
-      PyObject* fname = code->co_filename;
-      auto it = skip_.find(fname);
+      PyCodeObject* code = PyFrame_GetCode(frame);  // new reference
+      auto it = skip_.find(code);
       bool skip;
       if (it == skip_.end()) {
-        skip = is_skipped(py::handle(fname)).cast<bool>();
-        Py_INCREF(fname);  // keep the key alive: its address must not be reused
-        skip_.emplace(fname, skip);
+        PyObject* res = PyObject_CallOneArg(is_skipped, code->co_filename);
+        if (res == nullptr) {
+          Py_DECREF(code);
+          Py_DECREF(frame);
+          throw PythonError();
+        }
+        skip = PyObject_IsTrue(res) == 1;
+        Py_DECREF(res);
+        Py_INCREF(code);  // the key stays alive: its address must not be reused
+        skip_.emplace(code, skip);
       } else {
         skip = it->second;
       }
       if (!skip) {
-        PyObject* out = PyUnicode_FromFormat("%U:%d in %U", fname, PyFrame_GetLineNumber(frame), code->co_name);
+#if PY_VERSION_HEX >= 0x030B0000
+        SourceKey key{code, PyFrame_GetLasti(frame)};
+#else
+        SourceKey key{code, frame->f_lasti};
+#endif
+        auto hit = sources_.find(key);
+        int32_t id;
+        if (hit != sources_.end()) {
+          id = hit->second;
+        } else {
+          id = strings_->add_new(PyUnicode_FromFormat("%U:%d in %U", code->co_filename,
+                                                      PyFrame_GetLineNumber(frame), code->co_name));
+          Py_INCREF(code);
+          sources_.emplace(key, id);
+        }
         Py_DECREF(code);
         Py_DECREF(frame);
-        return py::reinterpret_steal<py::object>(out);
+        return id;
       }
       Py_DECREF(code);
       PyFrameObject* back = PyFrame_GetBack(frame);  // new reference
@@ -164,16 +305,21 @@ class Recorder {
       frame = back;
     }
     Py_XDECREF(frame);
-    return py::str("");
+    return -1;
   }
+
+  PyObject* string(int32_t id) const { return strings_->get(id); }
+  int32_t intern(PyObject* s) { return strings_->intern(s); }
+  int32_t forward_id() const { return forward_; }
+  int32_t output_id() const { return output_; }
 
   void forget() { seen_.clear(); }
 
-  // Everything since the last detach(), moved out in O(1): the conversion to Python objects is left to
-  // the trace writer's thread, after the forward (Block.records()).
+  // Everything since the last detach(), moved out in O(1).
   Block detach() {
-    Block b{std::move(records_), std::move(buffers_), std::move(numels_)};
+    Block b{std::move(records_), std::move(dims_), std::move(buffers_), std::move(numels_), strings_};
     records_.clear();
+    dims_.clear();
     buffers_.clear();
     numels_.clear();
     rows_before_ = 0;
@@ -187,15 +333,37 @@ class Recorder {
   }
 
  private:
-  struct Ctx {
-    py::object module, direction;
-    int64_t call;
-    py::object source;
-    py::object others;
-  };
+  int32_t child_slot(int32_t parent, bool by_object, intptr_t value) {
+    SlotKey key{parent, by_object, value};
+    auto it = slots_.find(key);
+    if (it != slots_.end()) return it->second;
+    PyObject* name;
+    if (!by_object) {
+      name = PyUnicode_FromFormat("%U.%zd", strings_->get(parent), (Py_ssize_t)value);
+    } else {
+      name = PyUnicode_FromFormat("%U.%S", strings_->get(parent), (PyObject*)value);
+      Py_INCREF((PyObject*)value);  // the key object stays alive: its address must not be reused
+    }
+    if (name == nullptr) throw PythonError();
+    int32_t id = strings_->add_new(name);
+    slots_.emplace(key, id);
+    return id;
+  }
 
-  void walk(py::handle obj, const std::string& slot, int depth, Ctx& ctx) {
-    PyObject* o = obj.ptr();
+  // A slot named by Python (flatten_tensors), one id per distinct text.
+  int32_t slot_by_text(PyObject* name) {
+    Py_ssize_t n;
+    const char* text = PyUnicode_Check(name) ? PyUnicode_AsUTF8AndSize(name, &n) : nullptr;
+    if (text == nullptr) throw PythonError();
+    std::string key(text, n);
+    auto it = slots_by_text_.find(key);
+    if (it != slots_by_text_.end()) return it->second;
+    int32_t id = strings_->add_new(Py_NewRef(name));
+    slots_by_text_.emplace(std::move(key), id);
+    return id;
+  }
+
+  void walk(PyObject* o, int32_t slot, int depth, Ctx& ctx) {
     if (THPVariable_Check(o)) {
       add(o, slot, ctx);
       return;
@@ -203,38 +371,59 @@ class Recorder {
     if (o == Py_None || PyBool_Check(o) || PyLong_Check(o) || PyFloat_Check(o) || PyUnicode_Check(o) || depth > 4)
       return;
     if (PyTuple_Check(o) || PyList_Check(o)) {
-      Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
-      PyObject** items = PySequence_Fast_ITEMS(o);
-      for (Py_ssize_t i = 0; i < n; ++i) walk(items[i], slot + "." + std::to_string(i), depth + 1, ctx);
+      for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(o); ++i) {
+        PyObject* item = Py_NewRef(PySequence_Fast_GET_ITEM(o, i));  // a list may change under a callback
+        try {
+          walk(item, child_slot(slot, false, i), depth + 1, ctx);
+        } catch (...) {
+          Py_DECREF(item);
+          throw;
+        }
+        Py_DECREF(item);
+      }
       return;
     }
     if (PyDict_Check(o)) {
       PyObject *k, *v;
       Py_ssize_t pos = 0;
-      while (PyDict_Next(o, &pos, &k, &v)) {
-        py::str name(py::handle(k).cast<py::object>());
-        walk(v, slot + "." + name.cast<std::string>(), depth + 1, ctx);
-      }
+      while (PyDict_Next(o, &pos, &k, &v)) walk(v, child_slot(slot, true, (intptr_t)k), depth + 1, ctx);
       return;
     }
     // Anything else (a cache object, a dataclass): Python's flatten_tensors decides, as on the slow path.
-    py::iterable pairs = flatten_(obj, slot, depth);
-    for (py::handle pair : pairs) {
-      py::tuple p = py::reinterpret_borrow<py::tuple>(pair);
-      PyObject* t = p[1].ptr();
-      if (THPVariable_Check(t)) add(t, p[0].cast<std::string>(), ctx);
+    PyObject* pairs = PyObject_CallFunction(flatten_.ptr(), "OOi", o, strings_->get(slot), depth);
+    PyObject* list = pairs ? PySequence_List(pairs) : nullptr;
+    Py_XDECREF(pairs);
+    if (list == nullptr) throw PythonError();
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(list); ++i) {
+      PyObject* p = PyList_GET_ITEM(list, i);
+      if (PyTuple_Check(p) && PyTuple_GET_SIZE(p) == 2 && THPVariable_Check(PyTuple_GET_ITEM(p, 1))) {
+        add(PyTuple_GET_ITEM(p, 1), slot_by_text(PyTuple_GET_ITEM(p, 0)), ctx);
+      }
     }
+    Py_DECREF(list);
   }
 
-  void add(PyObject* obj, const std::string& slot, Ctx& ctx) {
+  int32_t device_id(const at::Device& d) {
+    int key = (int)d.type() * 1024 + d.index() + 1;
+    auto it = devices_.find(key);
+    if (it != devices_.end()) return it->second;
+    int32_t id = strings_->add_new(PyUnicode_FromString(d.str().c_str()));
+    devices_.emplace(key, id);
+    return id;
+  }
+
+  void add(PyObject* obj, int32_t slot, Ctx& ctx) {
     const at::Tensor& t = THPVariable_Unpack(obj);
     if (!(t.is_cuda() || accept_cpu_) || t.layout() != at::kStrided) {
-      if (ctx.others.is_none()) ctx.others = py::list();
-      ctx.others.cast<py::list>().append(py::make_tuple(slot, py::handle(obj)));
+      if (ctx.others == nullptr && (ctx.others = PyList_New(0)) == nullptr) throw PythonError();
+      PyObject* pair = PyTuple_Pack(2, strings_->get(slot), obj);
+      int err = pair ? PyList_Append(ctx.others, pair) : -1;
+      Py_XDECREF(pair);
+      if (err) throw PythonError();
       return;
     }
     c10::TensorImpl* impl = t.unsafeGetTensorImpl();
-    bool contiguous = t.is_contiguous();
+    bool contiguous = impl->is_contiguous();
     Key key = contiguous ? Key{(uintptr_t)t.data_ptr(), t.numel(), (int)t.scalar_type()}
                          : Key{(uintptr_t)impl, 0, -1};
     uint32_t version = 0;
@@ -244,26 +433,29 @@ class Recorder {
     } catch (const c10::Error&) {
       versioned = false;  // inference tensors have no version counter: never aliased
     }
-    Record r;
+    Rec r;
     r.module = ctx.module;
     r.direction = ctx.direction;
     r.call = ctx.call;
-    r.source = ctx.source;
     r.slot = slot;
-    r.shape = t.sizes().vec();
-    r.stride = t.strides().vec();
+    r.source = ctx.source;
+    r.device = device_id(t.device());
+    r.dtype = (int16_t)t.scalar_type();
     r.offset = t.storage_offset();
-    r.dtype = t.scalar_type();
-    r.device = t.device().str();
+    auto sizes = t.sizes();
+    auto strides = t.strides();
+    r.ndim = (int16_t)sizes.size();
+    r.dims_at = (int32_t)dims_.size();
+    dims_.insert(dims_.end(), sizes.begin(), sizes.end());
+    dims_.insert(dims_.end(), strides.begin(), strides.end());
     auto it = versioned ? seen_.find(key) : seen_.end();
     if (it != seen_.end() && it->second.version == version && !it->second.impl.expired()) {
       r.row = -1;
-      r.is_alias = true;
       r.alias_module = it->second.module;
       r.alias_direction = it->second.direction;
       r.alias_call = it->second.call;
       r.alias_slot = it->second.slot;
-      records_.push_back(std::move(r));
+      records_.push_back(r);
       return;
     }
     r.row = launch(t);
@@ -272,7 +464,7 @@ class Recorder {
                                           c10::intrusive_ptr<c10::TensorImpl>::reclaim_copy(impl)),
                                       version, ctx.module, ctx.direction, ctx.call, slot});
     }
-    records_.push_back(std::move(r));
+    records_.push_back(r);
   }
 
   int64_t launch(const at::Tensor& t0) {
@@ -309,66 +501,236 @@ class Recorder {
   int64_t capacity_;
   py::object flatten_;
   bool accept_cpu_;
-  std::vector<Record> records_;
+  std::shared_ptr<Strings> strings_;
+  int32_t input_, output_, forward_;
+  std::vector<Rec> records_;
+  std::vector<int64_t> dims_;
   std::vector<at::Tensor> buffers_;
   std::vector<std::vector<int64_t>> numels_;
   int64_t rows_before_ = 0;
   std::unordered_map<Key, Seen, KeyHash> seen_;
+  std::unordered_map<SlotKey, int32_t, SlotKeyHash> slots_;
+  std::unordered_map<std::string, int32_t> slots_by_text_;
+  std::unordered_map<SourceKey, int32_t, SourceKeyHash> sources_;
+  std::unordered_map<PyCodeObject*, bool> skip_;
+  std::unordered_map<int, int32_t> devices_;
   int64_t depth_ = 0;
-  std::unordered_map<PyObject*, bool> skip_;
 };
 
-// A module's forward, probed: what ModuleProbe's Python wrapper does (call count, root forward
-// begin / end, source line, records of args / kwargs / output) in one C++ call per module call.
-class Probed {
- public:
-  Probed(py::object forward, py::object name, bool wanted, py::object recorder, py::object on_begin,
-         py::object on_end, py::object emit_other, py::object is_skipped)
-      : forward_(std::move(forward)), name_(std::move(name)), wanted_(wanted), recorder_(std::move(recorder)),
-        rec_(recorder_.cast<Recorder*>()), on_begin_(std::move(on_begin)), on_end_(std::move(on_end)),
-        emit_other_(std::move(emit_other)), is_skipped_(std::move(is_skipped)),
-        forward_str_(py::str("forward")), empty_(py::str("")) {}
+// ---- Probed: a module's forward, probed ------------------------------------------------------
+// A plain CPython type with vectorcall: called by Module._call_impl in place of the bound forward,
+// it passes the caller's argument array on unchanged (pybind11's py::args / py::kwargs would build a
+// tuple and a dict per call, twice). Instances have a __dict__ (for __wrapped__, __name__, ...).
+struct ProbedObject {
+  PyObject_HEAD
+  vectorcallfunc vectorcall;
+  PyObject* dict;
+  PyObject* forward;
+  PyObject* name;
+  PyObject* recorder;  // the pybind11 Recorder object, kept alive
+  PyObject* on_begin;
+  PyObject* on_end;
+  PyObject* emit_other;
+  PyObject* is_skipped;
+  Recorder* rec;
+  int64_t calls;
+  int32_t module;
+  bool wanted;
+};
 
-  py::object call(py::args args, py::kwargs kwargs) {
-    int64_t call = calls_++;
-    bool root = rec_->enter();
-    if (root) on_begin_();
-    if (wanted_) {
-      py::object src = rec_->source_line(is_skipped_);
-      others(rec_->record(args, name_, forward_str_, call, "input", src, false), call, src);
-      if (PyDict_GET_SIZE(kwargs.ptr()) > 0)
-        others(rec_->record(kwargs, name_, forward_str_, call, "input", src, false), call, src);
+// Hands tensors the recorder did not take (not CUDA) to Python: emit_other(name, call, slot, source, t).
+bool emit_others(ProbedObject* self, PyObject* others, int64_t call, int32_t source) {
+  if (others == nullptr) return true;
+  bool ok = true;
+  PyObject* src = source < 0 ? PyUnicode_FromString("") : Py_NewRef(self->rec->string(source));
+  for (Py_ssize_t i = 0; ok && i < PyList_GET_SIZE(others); ++i) {
+    PyObject* pair = PyList_GET_ITEM(others, i);
+    PyObject* res = PyObject_CallFunction(self->emit_other, "OLOOO", self->name, (long long)call,
+                                          PyTuple_GET_ITEM(pair, 0), src, PyTuple_GET_ITEM(pair, 1));
+    ok = res != nullptr;
+    Py_XDECREF(res);
+  }
+  Py_DECREF(src);
+  Py_DECREF(others);
+  return ok;
+}
+
+// Runs the root's on_end keeping a pending exception (what was captured before an error lands).
+bool call_on_end(ProbedObject* self, bool failing) {
+  PyObject *type = nullptr, *value = nullptr, *tb = nullptr;
+  if (failing) PyErr_Fetch(&type, &value, &tb);
+  PyObject* res = PyObject_CallNoArgs(self->on_end);
+  if (failing) {
+    if (res == nullptr) PyErr_Clear();
+    PyErr_Restore(type, value, tb);
+  }
+  Py_XDECREF(res);
+  return res != nullptr;
+}
+
+bool set_error_from_cpp() {
+  try {
+    throw;
+  } catch (PythonError&) {
+  } catch (py::error_already_set& e) {
+    e.restore();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return false;
+}
+
+PyObject* probed_vectorcall(PyObject* callable, PyObject* const* args, size_t nargsf, PyObject* kwnames) {
+  auto* self = reinterpret_cast<ProbedObject*>(callable);
+  Recorder* rec = self->rec;
+  int64_t call = self->calls++;
+  bool root = rec->enter();
+  if (root) {
+    PyObject* res = PyObject_CallNoArgs(self->on_begin);
+    if (res == nullptr) {
+      rec->leave();
+      return nullptr;
     }
-    py::object out;
+    Py_DECREF(res);
+  }
+  int32_t source = -1;
+  if (self->wanted) {
+    Recorder::Ctx ctx{self->module, rec->forward_id(), (int32_t)call, -1};
+    bool ok;
     try {
-      out = forward_(*args, **kwargs);
+      ctx.source = source = rec->source_id(self->is_skipped);
+      rec->record_call_args(args, PyVectorcall_NARGS(nargsf), kwnames, ctx);
+      ok = true;
     } catch (...) {
-      rec_->leave();
-      if (root) on_end_();  // what was captured before the error still lands
-      throw;
+      ok = set_error_from_cpp();
+      Py_XDECREF(ctx.others);
+      ctx.others = nullptr;
     }
-    rec_->leave();
-    if (wanted_) others(rec_->record(out, name_, forward_str_, call, "output", empty_, true), call, empty_);
-    if (root) on_end_();
-    return out;
-  }
-
- private:
-  void others(py::object pairs, int64_t call, py::object& src) {
-    if (pairs.is_none()) return;
-    for (py::handle pair : pairs) {
-      py::tuple p = py::reinterpret_borrow<py::tuple>(pair);
-      emit_other_(name_, call, p[0], src, p[1]);
+    if (!ok || !emit_others(self, ctx.others, call, source)) {
+      rec->leave();
+      if (root) call_on_end(self, true);
+      return nullptr;
     }
   }
+  PyObject* out = PyObject_Vectorcall(self->forward, args, nargsf, kwnames);
+  rec->leave();
+  if (out == nullptr) {
+    if (root) call_on_end(self, true);
+    return nullptr;
+  }
+  if (self->wanted) {
+    Recorder::Ctx ctx{self->module, rec->forward_id(), (int32_t)call, -1};
+    bool ok;
+    try {
+      rec->record_ids(out, rec->output_id(), true, ctx);
+      ok = true;
+    } catch (...) {
+      ok = set_error_from_cpp();
+      Py_XDECREF(ctx.others);
+      ctx.others = nullptr;
+    }
+    if (!ok || !emit_others(self, ctx.others, call, -1)) {
+      Py_DECREF(out);
+      if (root) call_on_end(self, true);
+      return nullptr;
+    }
+  }
+  if (root && !call_on_end(self, false)) {
+    Py_DECREF(out);
+    return nullptr;
+  }
+  return out;
+}
 
-  py::object forward_, name_;
-  bool wanted_;
-  py::object recorder_;
-  Recorder* rec_;
-  py::object on_begin_, on_end_, emit_other_, is_skipped_, forward_str_, empty_;
-  int64_t calls_ = 0;
+int probed_traverse(PyObject* o, visitproc visit, void* arg) {
+  auto* self = reinterpret_cast<ProbedObject*>(o);
+  Py_VISIT(self->dict);
+  Py_VISIT(self->forward);
+  Py_VISIT(self->name);
+  Py_VISIT(self->recorder);
+  Py_VISIT(self->on_begin);
+  Py_VISIT(self->on_end);
+  Py_VISIT(self->emit_other);
+  Py_VISIT(self->is_skipped);
+  return 0;
+}
+
+int probed_clear(PyObject* o) {
+  auto* self = reinterpret_cast<ProbedObject*>(o);
+  Py_CLEAR(self->dict);
+  Py_CLEAR(self->forward);
+  Py_CLEAR(self->name);
+  self->rec = nullptr;
+  Py_CLEAR(self->recorder);
+  Py_CLEAR(self->on_begin);
+  Py_CLEAR(self->on_end);
+  Py_CLEAR(self->emit_other);
+  Py_CLEAR(self->is_skipped);
+  return 0;
+}
+
+void probed_dealloc(PyObject* o) {
+  PyObject_GC_UnTrack(o);
+  probed_clear(o);
+  Py_TYPE(o)->tp_free(o);
+}
+
+// Probed(forward, name, wanted, recorder, on_begin, on_end, emit_other, is_skipped)
+PyObject* probed_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
+  PyObject *forward, *name, *recorder, *on_begin, *on_end, *emit_other, *is_skipped;
+  int wanted;
+  if (!PyArg_ParseTuple(args, "OUpOOOOO:Probed", &forward, &name, &wanted, &recorder, &on_begin, &on_end,
+                        &emit_other, &is_skipped))
+    return nullptr;
+  Recorder* rec;
+  try {
+    rec = py::cast<Recorder*>(py::handle(recorder));
+  } catch (...) {
+    PyErr_SetString(PyExc_TypeError, "Probed: recorder must be a fast_records.Recorder");
+    return nullptr;
+  }
+  auto* self = reinterpret_cast<ProbedObject*>(type->tp_alloc(type, 0));
+  if (self == nullptr) return nullptr;
+  self->vectorcall = probed_vectorcall;
+  self->dict = nullptr;
+  self->forward = Py_NewRef(forward);
+  self->name = Py_NewRef(name);
+  self->recorder = Py_NewRef(recorder);
+  self->on_begin = Py_NewRef(on_begin);
+  self->on_end = Py_NewRef(on_end);
+  self->emit_other = Py_NewRef(emit_other);
+  self->is_skipped = Py_NewRef(is_skipped);
+  self->rec = rec;
+  self->calls = 0;
+  self->module = rec->intern(name);
+  self->wanted = wanted != 0;
+  return reinterpret_cast<PyObject*>(self);
+}
+
+PyGetSetDef probed_getset[] = {
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, nullptr, nullptr},
+    {nullptr, nullptr, nullptr, nullptr, nullptr},
 };
+
+PyTypeObject ProbedType = {PyVarObject_HEAD_INIT(nullptr, 0)};
+
+bool init_probed_type(PyObject* module) {
+  ProbedType.tp_name = "tensordiff_fast_records.Probed";
+  ProbedType.tp_basicsize = sizeof(ProbedObject);
+  ProbedType.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL;
+  ProbedType.tp_doc = "A module's forward with fast module-level records (fast_records.cpp).";
+  ProbedType.tp_new = probed_new;
+  ProbedType.tp_dealloc = probed_dealloc;
+  ProbedType.tp_traverse = probed_traverse;
+  ProbedType.tp_clear = probed_clear;
+  ProbedType.tp_call = PyVectorcall_Call;
+  ProbedType.tp_vectorcall_offset = offsetof(ProbedObject, vectorcall);
+  ProbedType.tp_dictoffset = offsetof(ProbedObject, dict);
+  ProbedType.tp_getset = probed_getset;
+  if (PyType_Ready(&ProbedType) < 0) return false;
+  Py_INCREF(&ProbedType);
+  return PyModule_AddObject(module, "Probed", reinterpret_cast<PyObject*>(&ProbedType)) == 0;
+}
 
 }  // namespace
 
@@ -382,11 +744,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("detach", &Recorder::detach)
       .def("enter", &Recorder::enter)
       .def("leave", &Recorder::leave);
-  py::class_<Probed>(m, "Probed", py::dynamic_attr())
-      .def(py::init<py::object, py::object, bool, py::object, py::object, py::object, py::object, py::object>())
-      .def("__call__", &Probed::call);
   py::class_<Block>(m, "Block")
       .def("__len__", &Block::size)
       .def("records", &Block::records)
       .def("buffers", &Block::buffers_list);
+  if (!init_probed_type(m.ptr())) throw py::error_already_set();
 }

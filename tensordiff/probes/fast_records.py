@@ -42,7 +42,7 @@ def _load():
               file=sys.stderr, flush=True)
     try:
         _EXT[0] = load(name="tensordiff_fast_records", sources=[str(src)], build_directory=str(out),
-                       extra_cflags=["-O2"], verbose=False)
+                       extra_cflags=["-O2", "-DNDEBUG"], verbose=False)
     except Exception as exc:  # no compiler, no headers: the Python path does the same work
         print(f"tensordiff: fast records extension unavailable ({str(exc).splitlines()[-1][:200]}); "
               "using the Python path", file=sys.stderr)
