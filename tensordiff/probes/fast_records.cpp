@@ -207,6 +207,7 @@ class Recorder {
   ~Recorder() {
     py::gil_scoped_acquire gil;
     for (auto& kv : skip_) Py_DECREF(kv.first);
+    for (auto& kv : mapping_like_) Py_DECREF(kv.first);
     for (auto& kv : sources_) Py_DECREF(kv.first.code);
     for (auto& kv : slots_) if (kv.first.by_object) Py_DECREF((PyObject*)kv.first.value);
   }
@@ -389,7 +390,16 @@ class Recorder {
       while (PyDict_Next(o, &pos, &k, &v)) walk(v, child_slot(slot, true, (intptr_t)k), depth + 1, ctx);
       return;
     }
-    // Anything else (a cache object, a dataclass): Python's flatten_tensors decides, as on the slow path.
+    // Anything else: Python's flatten_tensors decides, as on the slow path, unless the type has no
+    // items() / keys(), where it never finds a tensor (a KV cache object passed to every layer).
+    PyTypeObject* type = Py_TYPE(o);
+    auto known = mapping_like_.find(type);
+    if (known == mapping_like_.end()) {
+      bool like = PyObject_HasAttrString((PyObject*)type, "items") && PyObject_HasAttrString((PyObject*)type, "keys");
+      Py_INCREF(type);
+      known = mapping_like_.emplace(type, like).first;
+    }
+    if (!known->second) return;
     PyObject* pairs = PyObject_CallFunction(flatten_.ptr(), "OOi", o, strings_->get(slot), depth);
     PyObject* list = pairs ? PySequence_List(pairs) : nullptr;
     Py_XDECREF(pairs);
@@ -488,12 +498,16 @@ class Recorder {
 
   void new_buffer(const at::Device& device) {
     if (!buffers_.empty()) rows_before_ += (int64_t)numels_.back().size();
-    // Layout of fused_stats.cu: float {min, max} x capacity, double {sum, sum|x|, sum x^2}, int64 counts.
-    at::Tensor raw = at::zeros({capacity_ * 56}, at::TensorOptions().dtype(at::kByte).device(device));
-    at::Tensor mm = raw.narrow(0, 0, capacity_ * 8).view(at::kFloat).view({capacity_, 2});
-    mm.select(1, 0).fill_(INFINITY);
-    mm.select(1, 1).fill_(-INFINITY);
-    buffers_.push_back(raw);
+    // Layout of fused_stats.cu: float {min, max} x capacity, double {sum, sum|x|, sum x^2}, int64 counts;
+    // initialised once per device, then each buffer is one copy of that (one launch instead of three).
+    at::Tensor& initial = initial_[device.str()];
+    if (!initial.defined()) {
+      initial = at::zeros({capacity_ * 56}, at::TensorOptions().dtype(at::kByte).device(device));
+      at::Tensor mm = initial.narrow(0, 0, capacity_ * 8).view(at::kFloat).view({capacity_, 2});
+      mm.select(1, 0).fill_(INFINITY);
+      mm.select(1, 1).fill_(-INFINITY);
+    }
+    buffers_.push_back(initial.clone());
     numels_.emplace_back();
   }
 
@@ -507,12 +521,14 @@ class Recorder {
   std::vector<int64_t> dims_;
   std::vector<at::Tensor> buffers_;
   std::vector<std::vector<int64_t>> numels_;
+  std::unordered_map<std::string, at::Tensor> initial_;  // device -> a buffer's initial bytes
   int64_t rows_before_ = 0;
   std::unordered_map<Key, Seen, KeyHash> seen_;
   std::unordered_map<SlotKey, int32_t, SlotKeyHash> slots_;
   std::unordered_map<std::string, int32_t> slots_by_text_;
   std::unordered_map<SourceKey, int32_t, SourceKeyHash> sources_;
   std::unordered_map<PyCodeObject*, bool> skip_;
+  std::unordered_map<PyTypeObject*, bool> mapping_like_;
   std::unordered_map<int, int32_t> devices_;
   int64_t depth_ = 0;
 };

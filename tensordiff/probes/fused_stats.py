@@ -15,7 +15,7 @@ Neither available (a CPU-only install): ``available()`` is False and the probes 
 
     buf = FusedStatsBuffer(device, capacity=4096)
     row = buf.add(tensor)            # one launch; None when the buffer is full
-    host, event = buf.finish()       # [rows, 9] float64 STAT_NAMES, valid once event completes
+    host, event = buf.finish()       # valid once event completes: host.numpy() is [rows, 9] STAT_NAMES
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import torch
 
 try:
@@ -220,7 +221,7 @@ class FusedStatsBuffer:
         """A buffer filled elsewhere (fast_records.cpp), ready for finish()."""
         buf = cls.__new__(cls)
         buf.device, buf.capacity, buf.rows, buf.numel = raw.device, raw.numel() // 56, len(numel), list(numel)
-        buf._set_views(raw)
+        buf._raw = raw  # no views: finish() copies the raw bytes
         return buf
 
     def _set_views(self, raw: torch.Tensor) -> None:
@@ -254,24 +255,40 @@ class FusedStatsBuffer:
         self.rows = row + 1
         return row
 
-    def finish(self) -> tuple[torch.Tensor, object]:
-        """[rows, 9] float64 stats (STAT_NAMES order) in pinned host memory, and the CUDA event after
-        which they are valid. Launches a handful of small ops; never waits for the GPU."""
-        k = self.rows
+    def finish(self) -> tuple["HostStats", object]:
+        """The accumulators copied to pinned host memory (HostStats) and the CUDA event after which
+        they are valid: one copy and one event on the model's thread, never a wait. The moments are
+        computed on the host by whoever reads them (the trace writer's thread)."""
         cuda = self.device.type == "cuda"
-        numel = torch.tensor(self.numel, dtype=torch.float64, pin_memory=cuda).to(self.device, non_blocking=True)
-        mm = self.minmax[:k].double()
-        sums, counts = self.sums[:k], self.counts[:k].double()
-        n_finite = numel - counts[:, 0] - counts[:, 1]
-        count = n_finite.clamp(min=1)
-        mean = sums[:, 0] / count
-        std = (sums[:, 2] / count - mean * mean).clamp(min=0).sqrt()
-        moments = torch.stack([mm[:, 0], mm[:, 1], mean, sums[:, 1] / count, std, sums[:, 2].sqrt()], dim=1)
-        moments = torch.where((n_finite > 0).unsqueeze(1), moments, torch.full_like(moments, float("nan")))
-        stats = torch.cat([moments, counts], dim=1)
-        host = torch.empty(stats.shape, dtype=torch.float64, pin_memory=cuda)
-        host.copy_(stats, non_blocking=True)
+        host = torch.empty(self._raw.shape, dtype=torch.uint8, pin_memory=cuda)
+        host.copy_(self._raw, non_blocking=cuda)
         event = torch.cuda.Event() if cuda else None
         if event is not None:
             event.record()
-        return host, event
+        return HostStats(host, self.numel), event
+
+
+class HostStats:
+    """A FusedStatsBuffer's accumulators on the host; ``numpy()``: [rows, 9] float64 in STAT_NAMES
+    order (moments over the finite elements; NaN where a tensor has none)."""
+
+    def __init__(self, raw: torch.Tensor, numel: list):
+        self.raw, self.numel = raw, numel
+
+    def numpy(self) -> np.ndarray:
+        k, a = len(self.numel), self.raw.numpy()
+        cap = a.size // 56
+        mm = a[:cap * 8].view(np.float32).reshape(cap, 2)[:k].astype(np.float64)
+        sums = a[cap * 8:cap * 32].view(np.float64).reshape(cap, 3)[:k]
+        counts = a[cap * 32:].view(np.int64).reshape(cap, 3)[:k].astype(np.float64)
+        n_finite = np.asarray(self.numel, dtype=np.float64) - counts[:, 0] - counts[:, 1]
+        count = np.maximum(n_finite, 1)
+        mean = sums[:, 0] / count
+        with np.errstate(invalid="ignore"):
+            std = np.sqrt(np.maximum(sums[:, 2] / count - mean * mean, 0))
+            moments = np.stack([mm[:, 0], mm[:, 1], mean, sums[:, 1] / count, std, np.sqrt(sums[:, 2])], axis=1)
+        moments[n_finite <= 0] = np.nan
+        return np.concatenate([moments, counts], axis=1)
+
+    def __getitem__(self, index):  # tests: host[row], host[row, col]
+        return torch.from_numpy(self.numpy())[index]
