@@ -30,30 +30,28 @@ namespace {
 
 using LaunchFn = int (*)(const void*, long long, int, long long, char*, long long, void*);
 
-// Python strings that records point at by index. Shared by a Recorder and the Blocks it hands out,
-// so a Block stays readable after its Recorder is gone. Touched only with the GIL held.
+// Python strings that records point at by index: module names, directions, slots, source lines,
+// devices. Process-wide and never freed (bounded by the distinct names a process traces), so that
+// every capture after the first finds its strings made. Touched only with the GIL held.
 struct Strings {
   std::vector<PyObject*> items;  // owned references
-  std::unordered_map<PyObject*, int32_t> by_object;  // an object already interned (borrowed key)
+  PyObject* by_text = PyDict_New();  // str -> id, for intern()
 
-  ~Strings() {
-    if (!Py_IsInitialized()) return;  // interpreter gone: nothing to release
-    py::gil_scoped_acquire gil;
-    for (PyObject* o : items) Py_DECREF(o);
-  }
   // Takes a new reference to s.
   int32_t add_new(PyObject* s) {
     items.push_back(s);
     return (int32_t)items.size() - 1;
   }
-  // The id of an existing string object (keyed by identity: module names and the like are the same
-  // object on every call).
+  // The id of a string's text (module names are new objects at each capture; their text is not).
   int32_t intern(PyObject* s) {
-    auto it = by_object.find(s);
-    if (it != by_object.end()) return it->second;
-    Py_INCREF(s);
-    int32_t id = add_new(s);
-    by_object.emplace(s, id);
+    PyObject* hit = PyDict_GetItemWithError(by_text, s);  // borrowed
+    if (hit != nullptr) return (int32_t)PyLong_AsLong(hit);
+    if (PyErr_Occurred()) throw py::error_already_set();
+    int32_t id = add_new(Py_NewRef(s));
+    PyObject* value = PyLong_FromLong(id);
+    int err = PyDict_SetItem(by_text, s, value);
+    Py_DECREF(value);
+    if (err) throw py::error_already_set();
     return id;
   }
   PyObject* get(int32_t id) const { return items[id]; }
@@ -84,7 +82,7 @@ struct Block {
   std::vector<int64_t> dims;
   std::vector<at::Tensor> buffers;
   std::vector<std::vector<int64_t>> numels;
-  std::shared_ptr<Strings> strings;
+  Strings* strings;
 
   int64_t size() const { return (int64_t)recs.size(); }
 
@@ -190,6 +188,24 @@ int launch_code(at::ScalarType t) {
   }
 }
 
+// What the Recorders of a process share, all keyed by objects that live as long as the model (code
+// objects, types, dict keys: each kept alive by a reference taken here). is_skipped is always
+// session.is_skipped_file, so its answers are shared too.
+struct Tables {
+  Strings strings;
+  std::unordered_map<SlotKey, int32_t, SlotKeyHash> slots;
+  std::unordered_map<std::string, int32_t> slots_by_text;
+  std::unordered_map<SourceKey, int32_t, SourceKeyHash> sources;
+  std::unordered_map<PyCodeObject*, bool> skip;
+  std::unordered_map<PyTypeObject*, bool> mapping_like;
+  std::unordered_map<int, int32_t> devices;
+};
+
+Tables& tables() {
+  static Tables* t = new Tables();  // never freed: see Strings
+  return *t;
+}
+
 // Raised as a Python exception by the callers (pybind11 or Probed's vectorcall).
 struct PythonError {};
 
@@ -198,20 +214,12 @@ class Recorder {
   // accept_cpu: tests only (no launcher; rows are assigned, stats stay empty).
   Recorder(int64_t launch_fn, int64_t capacity, py::object flatten, bool accept_cpu)
       : launch_(reinterpret_cast<LaunchFn>(launch_fn)), capacity_(capacity), flatten_(std::move(flatten)),
-        accept_cpu_(accept_cpu), strings_(std::make_shared<Strings>()) {
+        accept_cpu_(accept_cpu) {
     py::str input("input"), output("output"), forward("forward");
     input_ = strings_->intern(input.ptr());
     output_ = strings_->intern(output.ptr());
     forward_ = strings_->intern(forward.ptr());
   }
-  ~Recorder() {
-    py::gil_scoped_acquire gil;
-    for (auto& kv : skip_) Py_DECREF(kv.first);
-    for (auto& kv : mapping_like_) Py_DECREF(kv.first);
-    for (auto& kv : sources_) Py_DECREF(kv.first.code);
-    for (auto& kv : slots_) if (kv.first.by_object) Py_DECREF((PyObject*)kv.first.value);
-  }
-
   struct Ctx {
     int32_t module, direction, call, source;
     PyObject* others = nullptr;  // new list of (slot, tensor) of tensors not taken, or null
@@ -515,7 +523,8 @@ class Recorder {
   int64_t capacity_;
   py::object flatten_;
   bool accept_cpu_;
-  std::shared_ptr<Strings> strings_;
+  Tables& tables_ = tables();
+  Strings* strings_ = &tables_.strings;
   int32_t input_, output_, forward_;
   std::vector<Rec> records_;
   std::vector<int64_t> dims_;
@@ -524,12 +533,12 @@ class Recorder {
   std::unordered_map<std::string, at::Tensor> initial_;  // device -> a buffer's initial bytes
   int64_t rows_before_ = 0;
   std::unordered_map<Key, Seen, KeyHash> seen_;
-  std::unordered_map<SlotKey, int32_t, SlotKeyHash> slots_;
-  std::unordered_map<std::string, int32_t> slots_by_text_;
-  std::unordered_map<SourceKey, int32_t, SourceKeyHash> sources_;
-  std::unordered_map<PyCodeObject*, bool> skip_;
-  std::unordered_map<PyTypeObject*, bool> mapping_like_;
-  std::unordered_map<int, int32_t> devices_;
+  std::unordered_map<SlotKey, int32_t, SlotKeyHash>& slots_ = tables_.slots;
+  std::unordered_map<std::string, int32_t>& slots_by_text_ = tables_.slots_by_text;
+  std::unordered_map<SourceKey, int32_t, SourceKeyHash>& sources_ = tables_.sources;
+  std::unordered_map<PyCodeObject*, bool>& skip_ = tables_.skip;
+  std::unordered_map<PyTypeObject*, bool>& mapping_like_ = tables_.mapping_like;
+  std::unordered_map<int, int32_t>& devices_ = tables_.devices;
   int64_t depth_ = 0;
 };
 
