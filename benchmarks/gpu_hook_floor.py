@@ -31,7 +31,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="0.5b")
     ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--rounds", type=int, default=21)
     args = ap.parse_args()
     t0 = time.perf_counter()
     print(f"fused stats launcher: {fused_stats.launcher_name()} (ready in {time.perf_counter() - t0:.1f} s)")
@@ -98,13 +98,13 @@ def main():
     plain = [w for w, _ in results["plain"]]
     print(f"{args.size} bf16, 1 x {args.seq_len}, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"median of {args.rounds} interleaved rounds")
-    print("| run | wall ms | second column ms | x plain (median of per-round ratios) |\n|---|---|---|---|")
+    print("| run | wall ms | second column ms | x plain (median and quartiles of per-round ratios) |\n|---|---|---|---|")
     for name, vals in results.items():
         walls = [w for w, _ in vals]
-        ratio = statistics.median(w / p for w, p in zip(walls, plain))
+        q = statistics.quantiles([w / p for w, p in zip(walls, plain)], n=4)
         second = "CPU issue" if name != "tensordiff.capture module+stats" else "whole call incl. file + writer drain"
         print(f"| {name} | {statistics.median(walls):.1f} | {statistics.median(x for _, x in vals):.1f} ({second}) "
-              f"| {ratio:.2f} |")
+              f"| {q[1]:.2f} ({q[0]:.2f}-{q[2]:.2f}) |")
     print(f"capture: {capture.records} records; GC collections during the last capture call: {capture.gcs}")
     # Full capture is bounded by the disk: compare its throughput with a plain sequential write.
     import os

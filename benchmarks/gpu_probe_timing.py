@@ -1,9 +1,11 @@
-"""Split the time of fast module-level stats capture on a GPU: `python benchmarks/gpu_probe_timing.py`.
+"""Split the time of fast module-level stats capture on a GPU: `python benchmarks/gpu_probe_timing.py [SIZE SEQ [ROUNDS]]`.
 
-Variants, interleaved with plain forwards (median of rounds): the wrappers alone (a filter that
-matches no module), the Python records without their stats kernels, and the whole fast path with
-the per-record work in Python and in C++ (fast_records.cpp). For each: CPU
-time until the forward returns, and wall time until the GPU is done.
+Variants, interleaved with plain forwards: the wrappers alone (a filter that matches no module), the
+records without their stats kernels, and the whole fast path, with the per-record work in Python and
+in C++ (fast_records.cpp). For each: CPU time until the forward returns, wall time until the GPU is
+done, and the ratio of its wall time to the plain forward of the same round (median and quartiles
+over rounds: the lent machine's speed drifts by up to 2x between minutes, so only paired ratios are
+worth comparing).
 """
 import statistics
 import sys
@@ -76,15 +78,17 @@ variants = {"plain": plain, "wrappers only": lambda: run("wrappers only"),
             "fast path, records in Python": lambda: run("fast path, records in Python"),
             "records in C++, no kernels": lambda: run("C++ records, no kernels"),
             "fast path, records in C++": lambda: run("fast path")}
+rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 21
 for f in variants.values():
     f()
 res = {k: [] for k in variants}
-for _ in range(9):
+for _ in range(rounds):
     for k, f in variants.items():
         res[k].append(f())
-base = statistics.median(w for _, w, _ in res["plain"])
+plain_walls = [w for _, w, _ in res["plain"]]
+print(f"median of {rounds} interleaved rounds; x plain: median (quartiles) of the per-round ratio of wall times")
 print("| variant | CPU until forward returns ms | wall ms | x plain | records |\n|---|---|---|---|---|")
 for k, v in res.items():
-    wall = statistics.median(x[1] for x in v)
-    print(f"| {k} | {statistics.median(x[0] for x in v):.1f} | {wall:.1f} | {wall / base:.2f} | {v[-1][2]} |")
-
+    ratios = statistics.quantiles([x[1] / p for x, p in zip(v, plain_walls)], n=4)
+    print(f"| {k} | {statistics.median(x[0] for x in v):.1f} | {statistics.median(x[1] for x in v):.1f} "
+          f"| {ratios[1]:.2f} ({ratios[0]:.2f}-{ratios[2]:.2f}) | {v[-1][2]} |")

@@ -219,6 +219,7 @@ class Recorder {
     input_ = strings_->intern(input.ptr());
     output_ = strings_->intern(output.ptr());
     forward_ = strings_->intern(forward.ptr());
+    reserve();
   }
   struct Ctx {
     int32_t module, direction, call, source;
@@ -324,11 +325,20 @@ class Recorder {
 
   void forget() { seen_.clear(); }
 
+  // Room for a forward's records up front: growing these while the model runs costs reallocations
+  // and copies on the model's thread.
+  void reserve() {
+    records_.clear();
+    dims_.clear();
+    records_.reserve(capacity_);
+    dims_.reserve(capacity_ * 8);
+    seen_.reserve(capacity_);
+  }
+
   // Everything since the last detach(), moved out in O(1).
   Block detach() {
     Block b{std::move(records_), std::move(dims_), std::move(buffers_), std::move(numels_), strings_};
-    records_.clear();
-    dims_.clear();
+    reserve();
     buffers_.clear();
     numels_.clear();
     rows_before_ = 0;

@@ -55,7 +55,7 @@ def _build(nvcc: str, src: Path, out: Path, arch: str, cudart: str) -> bool:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
     cmd = [nvcc, "-O3", "-shared", "-Xcompiler", "-fPIC", f"-gencode=arch=compute_{arch},code=sm_{arch}",
-           f"-cudart={cudart}", "-o", str(tmp), str(src)]
+           f"-cudart={cudart}", "-o", str(tmp), str(src), "-ldl"]
     try:
         subprocess.run(cmd, check=True, capture_output=True, timeout=300)
         os.replace(tmp, out)  # atomic: a concurrent process sees the whole library or none
