@@ -115,3 +115,51 @@ def test_fast_module_capture_matches_the_general_path(tmp_path, recorder):
     np.testing.assert_allclose(fast[stats].to_numpy(), slow[stats].to_numpy(), rtol=1e-3, atol=1e-4)
     # views of captured memory (q_proj's output as q_norm's input) are recognised as the same data
     assert fast["alias_of"].notna().sum() > slow["alias_of"].notna().sum()
+
+
+@pytest.mark.parametrize("level,save", [("module", "full"), ("both", "stats")])
+def test_general_cuda_path_measures_before_a_later_in_place_op(tmp_path, level, save):
+    """The general path (op level, full capture) on CUDA: a Linear's output is measured before the
+    ReLU(inplace=True) that follows rewrites it, and its stats agree with the bytes read back."""
+    import tensordiff
+    from tensordiff.models import Inputs
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(inplace=True),
+                                torch.nn.Linear(512, 64)).cuda()
+    x = torch.randn(4096, 256, device="cuda")
+    with torch.no_grad():
+        before = model[0](x)
+    path = tmp_path / "t.h5"
+    tensordiff.capture(model, Inputs((x,), {}), path, level=level, save=save)
+    with tensordiff.open_trace(path) as trace:
+        idx = trace.index
+        linear_out = idx.loc["0/forward#0/output.0"]
+        assert linear_out["min"] == pytest.approx(before.min().item(), rel=1e-5) and linear_out["min"] < -1
+        assert linear_out["mean"] == pytest.approx(before.double().mean().item(), rel=1e-4, abs=1e-6)
+        assert linear_out["zero"] == (before == 0).sum().item()
+        assert idx.loc["1/forward#0/output.0", "min"] == 0.0  # the ReLU's own output: after the change
+        if save == "full":
+            data = trace.tensor("0/forward#0/output.0")
+            assert torch.equal(data, before.cpu())
+
+
+def test_fast_path_with_backward_matches_the_general_path(tmp_path):
+    """module+stats with gradients on CUDA (forward records from the fast path, gradients from the
+    backward hooks) against a full capture (general path): same keys in the same order, same stats."""
+    import numpy as np
+
+    import tensordiff
+    from tensordiff.models import load_model
+
+    bundle = load_model("qwen", size="tiny", seq_len=64)
+    model = bundle.model.cuda()
+    inputs = bundle.inputs.__class__((), {k: v.cuda() for k, v in bundle.inputs.kwargs.items()})
+    fast = tensordiff.capture(model, inputs, tmp_path / "fast.h5", save="stats", backward=True)
+    model.zero_grad(set_to_none=True)
+    full = tensordiff.capture(model, inputs, tmp_path / "full.h5", save="full", backward=True)
+    a, b = tensordiff.open_trace(tmp_path / "fast.h5").index, tensordiff.open_trace(tmp_path / "full.h5").index
+    assert fast.records == full.records and list(a.key) == list(b.key)
+    assert (a.direction == "backward").sum() > 50
+    stats = ["min", "max", "mean", "mean_abs", "std", "l2", "nan", "inf", "zero"]
+    np.testing.assert_allclose(a[stats].to_numpy(), b[stats].to_numpy(), rtol=1e-3, atol=1e-5)

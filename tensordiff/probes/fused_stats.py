@@ -274,8 +274,14 @@ class HostStats:
 
     def __init__(self, raw: torch.Tensor, numel: list):
         self.raw, self.numel = raw, numel
+        self._array = None
 
     def numpy(self) -> np.ndarray:
+        if self._array is None:  # once: every record of a block reads its row from it
+            self._array = self._moments()
+        return self._array
+
+    def _moments(self) -> np.ndarray:
         k, a = len(self.numel), self.raw.numpy()
         cap = a.size // 56
         mm = a[:cap * 8].view(np.float32).reshape(cap, 2)[:k].astype(np.float64)
@@ -292,3 +298,43 @@ class HostStats:
 
     def __getitem__(self, index):  # tests: host[row], host[row, col]
         return torch.from_numpy(self.numpy())[index]
+
+
+class LaunchingBatcher:
+    """gpu_stats.StatsBatcher's interface for the general capture path (op level, full capture), but
+    exact: ``add`` launches the fused kernel at once on the tensor's stream, so an in-place op after
+    the capture cannot change what is measured; ``flush`` only copies each buffer's rows to the host.
+
+        slot = batcher.add(tensor)   # one launch
+        batcher.flush()              # one copy + event per device buffer
+        slot.numpy()                 # waits on the event (releases the GIL)
+    """
+
+    def __init__(self, capacity: int = 1024):
+        self.capacity = capacity
+        self._open: dict = {}  # device -> (FusedStatsBuffer, [(row, StatsSlot)])
+
+    def add(self, t: torch.Tensor):
+        from tensordiff.probes.gpu_stats import StatsSlot
+
+        t = t.detach()
+        entry = self._open.get(t.device)
+        row = entry[0].add(t) if entry is not None else None
+        if row is None:  # no buffer yet on this device, or it is full
+            if entry is not None:
+                self._finish(t.device)
+            entry = self._open[t.device] = (FusedStatsBuffer(t.device, self.capacity), [])
+            row = entry[0].add(t)
+        slot = StatsSlot()
+        entry[1].append((row, slot))
+        return slot
+
+    def flush(self) -> None:
+        for device in list(self._open):
+            self._finish(device)
+
+    def _finish(self, device) -> None:
+        buf, slots = self._open.pop(device)
+        host, event = buf.finish()
+        for row, slot in slots:
+            slot.fill(host, row, event)

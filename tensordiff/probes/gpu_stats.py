@@ -6,9 +6,9 @@ batch instead of ~25 small kernels (and ~0.5 ms of launch overhead) per tensor.
     batcher.flush()                 # computes every pending tensor's stats, copies them to pinned
     slot.numpy()                    # host memory asynchronously; waits on the CUDA event, not the GIL
 
-A tensor modified in place after ``add`` and before ``flush`` would be measured after the change;
-flushes happen when the batch is full, at the end of every root forward, and before the trace writer
-could block, so the window is short.
+A tensor modified in place after ``add`` and before ``flush`` would be measured after the change:
+capture sessions use fused_stats.LaunchingBatcher (one exact launch per tensor) wherever the fused
+kernel is available, and this batcher only where it is not (no nvcc and no Triton).
 """
 from __future__ import annotations
 

@@ -114,8 +114,13 @@ class CaptureSession:
         self.records = 0
         self.last_record: dict | None = None
         self._seen = WeakIdKeyDictionary()  # tensor -> (key, version, CPU checksum, data saved?)
-        # GPU stats, many tensors per kernel; not with a synchronous writer, which would wait on itself
-        self.batcher = None if getattr(writer, "synchronous", False) else StatsBatcher()
+        # GPU stats without a sync per tensor: one fused launch per tensor where the kernel is available
+        # (exact under later in-place ops), else batched reductions; not with a synchronous writer,
+        # which would wait on itself.
+        self.batcher = None
+        if not getattr(writer, "synchronous", False):
+            exact = torch.cuda.is_available() and fused_stats.available()
+            self.batcher = fused_stats.LaunchingBatcher() if exact else StatsBatcher()
         writer.before_block = self.flush_stats  # never let the writer wait on stats not yet computed
         # Module-level GPU stats without per-record objects: CUDA tensors' stats go into one fused kernel
         # launch each and their index rows into a block handed to the writer whole (see emit_module).
