@@ -163,3 +163,34 @@ def test_fast_path_with_backward_matches_the_general_path(tmp_path):
     assert (a.direction == "backward").sum() > 50
     stats = ["min", "max", "mean", "mean_abs", "std", "l2", "nan", "inf", "zero"]
     np.testing.assert_allclose(a[stats].to_numpy(), b[stats].to_numpy(), rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_fast_path_on_a_model_split_over_two_gpus(tmp_path):
+    """Layers on cuda:0 and cuda:1 with cuda:0 current: each stats kernel runs on its tensor's device
+    and stream, and the records of both devices hold the right numbers."""
+    import tensordiff
+    from tensordiff.models import Inputs
+
+    class Split(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(64, 128).to("cuda:0")
+            self.b = torch.nn.Linear(128, 32).to("cuda:1")
+
+        def forward(self, x):
+            return self.b(self.a(x).to("cuda:1"))
+
+    torch.manual_seed(0)
+    model, x = Split(), torch.randn(2048, 64, device="cuda:0")
+    with torch.no_grad():
+        a_out = model.a(x)
+        b_out = model.b(a_out.to("cuda:1"))
+    torch.cuda.set_device(0)
+    tensordiff.capture(model, Inputs((x,), {}), tmp_path / "t.h5", save="stats")
+    idx = tensordiff.open_trace(tmp_path / "t.h5").index
+    for key, t, device in (("a/forward#0/output.0", a_out, "cuda:0"), ("b/forward#0/output.0", b_out, "cuda:1")):
+        row = idx.loc[key]
+        assert row["device"] == device
+        assert row["min"] == pytest.approx(t.min().item(), rel=1e-5)
+        assert row["l2"] == pytest.approx(t.double().norm().item(), rel=1e-4)

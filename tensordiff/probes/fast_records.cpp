@@ -504,7 +504,9 @@ class Recorder {
     int64_t row = (int64_t)numels_.back().size();
     int64_t n = t.numel();
     if (n > 0 && launch_ != nullptr && t.is_cuda()) {
-      // the current stream of the tensor's device, as torch.cuda.current_stream(device) would give
+      // the tensor's device made current (a model split over GPUs runs with another one current), and
+      // the current stream of that device, as torch.cuda.current_stream(device) would give
+      c10::DeviceGuard guard(t.device());
       void* stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(t.device()).native_handle();
       int err = launch_(t.data_ptr(), n, launch_code(t.scalar_type()), row,
                         (char*)buffers_.back().data_ptr(), capacity_, stream);

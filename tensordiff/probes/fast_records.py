@@ -60,7 +60,5 @@ def recorder(capacity: int, accept_cpu: bool = False):
         return None
     from tensordiff.probes.session import flatten_tensors
 
-    if launch is not None:
-        launch.set_max_blocks(fused_stats._max_programs(torch.device("cuda", torch.cuda.current_device())))
     address = ctypes.cast(launch, ctypes.c_void_p).value if launch is not None else 0
     return ext.Recorder(address, capacity, flatten_tensors, accept_cpu)

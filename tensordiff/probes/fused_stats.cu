@@ -152,10 +152,23 @@ int launch(const void* x, long long n, long long row, float* minmax, double* sum
 
 }  // namespace
 
+// Grid size cap of the current device: 4 blocks per SM (893 GB/s on the H100; 16 per SM: 795).
+// Per device, as a host may mix GPUs with different SM counts.
+static int max_blocks_of_current_device() {
+  static int blocks[64] = {0};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 528;
+  if (blocks[dev] == 0) {
+    int sms = 0;
+    blocks[dev] = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess && sms > 0
+                      ? 4 * sms : 528;
+  }
+  return blocks[dev];
+}
+
 // One buffer of `capacity` rows: [capacity] x {float min, max} then [capacity] x {double sum, sum |x|,
 // sum x^2} then [capacity] x {uint64 nan, inf, zero}. Fewer ctypes arguments: each costs ~0.2 us.
-static int g_max_blocks = 528;
-extern "C" void td_stats_set_max_blocks(int max_blocks) { g_max_blocks = max_blocks; }
+// The caller makes the tensor's device current (as torch's own ops do) and passes its stream.
 
 // dtype: 0 float32, 1 float16, 2 bfloat16, 3 float64. Returns a cudaError_t (0: launched).
 extern "C" int td_stats_launch(const void* x, long long n, int dtype, long long row, char* buffer,
@@ -164,7 +177,7 @@ extern "C" int td_stats_launch(const void* x, long long n, int dtype, long long 
   float* mm = (float*)buffer;
   double* sm = (double*)(buffer + capacity * 2 * sizeof(float));
   unsigned long long* ct = (unsigned long long*)(buffer + capacity * (2 * sizeof(float) + 3 * sizeof(double)));
-  int max_blocks = g_max_blocks;
+  int max_blocks = max_blocks_of_current_device();
   cudaStream_t st = (cudaStream_t)stream;
   switch (dtype) {
     case 0: return launch<float>(x, n, row, mm, sm, ct, st, max_blocks);

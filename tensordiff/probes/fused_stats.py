@@ -19,6 +19,7 @@ Neither available (a CPU-only install): ``available()`` is False and the probes 
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -104,8 +105,6 @@ def _cuda_library():
                        ctypes.c_longlong, ctypes.c_void_p]
         fn.restype = ctypes.c_int
         fn.variant = cudart
-        fn.set_max_blocks = lib.td_stats_set_max_blocks
-        fn.set_max_blocks.argtypes = [ctypes.c_int]
         _lib[0] = fn
         return fn
     return None
@@ -213,8 +212,6 @@ class FusedStatsBuffer:
         self.numel: list[int] = []
         self._cuda = _cuda_library() if self.device.type == "cuda" else None
         self._base = raw.data_ptr()
-        if self._cuda is not None:
-            self._cuda.set_max_blocks(self._programs)  # 4 blocks per SM: 893 GB/s on the H100 (16: 795)
 
     @classmethod
     def from_raw(cls, raw: torch.Tensor, numel: list) -> "FusedStatsBuffer":
@@ -245,7 +242,10 @@ class FusedStatsBuffer:
             t = t.detach().contiguous()
         n = t.numel()
         if self._cuda is not None:
-            err = self._cuda(t.data_ptr(), n, code, row, self._base, self.capacity, _raw_stream(self.device_index))
+            # the tensor's device made current: a model split over GPUs runs with another one current
+            other = torch.cuda.current_device() != self.device_index
+            with torch.cuda.device(self.device_index) if other else contextlib.nullcontext():
+                err = self._cuda(t.data_ptr(), n, code, row, self._base, self.capacity, _raw_stream(self.device_index))
             if err:
                 raise RuntimeError(f"fused stats kernel launch failed (cudaError {err})")
         elif n:
