@@ -131,14 +131,17 @@ LaunchKernelFn driver_launch() {
 
 template <typename T>
 int launch(const void* x, long long n, long long row, float* minmax, double* sums,
-           unsigned long long* counts, cudaStream_t stream, int max_blocks) {
+           unsigned long long* counts, cudaStream_t stream, int max_blocks, int dev) {
   long long blocks = (n + kThreads * 32 - 1) / (kThreads * 32);  // >= 32 elements per thread
   if (blocks > max_blocks) blocks = max_blocks;
   float* mm = minmax + 2 * row;
   double* sm = sums + 3 * row;
   unsigned long long* ct = counts + 3 * row;
-  if (LaunchKernelFn drv = driver_launch()) {
-    static cudaFunction_t fn = nullptr;  // one per T
+  LaunchKernelFn drv = driver_launch();
+  if (drv != nullptr && dev >= 0 && dev < 64) {
+    // A CUfunction belongs to one device's context: one per device (and per T).
+    static cudaFunction_t fns[64] = {nullptr};
+    cudaFunction_t& fn = fns[dev];
     if (fn == nullptr && cudaGetFuncBySymbol(&fn, (const void*)stats_kernel<T>) != cudaSuccess) fn = nullptr;
     if (fn != nullptr) {
       const T* xp = (const T*)x;
@@ -154,10 +157,9 @@ int launch(const void* x, long long n, long long row, float* minmax, double* sum
 
 // Grid size cap of the current device: 4 blocks per SM (893 GB/s on the H100; 16 per SM: 795).
 // Per device, as a host may mix GPUs with different SM counts.
-static int max_blocks_of_current_device() {
+static int max_blocks_of(int dev) {
   static int blocks[64] = {0};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 528;
+  if (dev < 0 || dev >= 64) return 528;
   if (blocks[dev] == 0) {
     int sms = 0;
     blocks[dev] = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess && sms > 0
@@ -177,13 +179,15 @@ extern "C" int td_stats_launch(const void* x, long long n, int dtype, long long 
   float* mm = (float*)buffer;
   double* sm = (double*)(buffer + capacity * 2 * sizeof(float));
   unsigned long long* ct = (unsigned long long*)(buffer + capacity * (2 * sizeof(float) + 3 * sizeof(double)));
-  int max_blocks = max_blocks_of_current_device();
+  int dev = -1;
+  if (cudaGetDevice(&dev) != cudaSuccess) dev = -1;
+  int max_blocks = max_blocks_of(dev);
   cudaStream_t st = (cudaStream_t)stream;
   switch (dtype) {
-    case 0: return launch<float>(x, n, row, mm, sm, ct, st, max_blocks);
-    case 1: return launch<__half>(x, n, row, mm, sm, ct, st, max_blocks);
-    case 2: return launch<__nv_bfloat16>(x, n, row, mm, sm, ct, st, max_blocks);
-    case 3: return launch<double>(x, n, row, mm, sm, ct, st, max_blocks);
+    case 0: return launch<float>(x, n, row, mm, sm, ct, st, max_blocks, dev);
+    case 1: return launch<__half>(x, n, row, mm, sm, ct, st, max_blocks, dev);
+    case 2: return launch<__nv_bfloat16>(x, n, row, mm, sm, ct, st, max_blocks, dev);
+    case 3: return launch<double>(x, n, row, mm, sm, ct, st, max_blocks, dev);
     default: return -1;
   }
 }
