@@ -19,7 +19,6 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cmath>
-#include <memory>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -235,9 +234,10 @@ class Recorder {
             PyUnicode_GET_LENGTH(source.ptr()) ? strings_->intern(source.ptr()) : -1};
     try {
       record_ids(obj.ptr(), strings_->intern(prefix.ptr()), bare_tensor_is_tuple, ctx);
-    } catch (PythonError&) {
+    } catch (...) {
       Py_XDECREF(ctx.others);
-      throw py::error_already_set();
+      if (PyErr_Occurred()) throw py::error_already_set();  // a PythonError
+      throw;
     }
     return ctx.others ? py::reinterpret_steal<py::object>(ctx.others) : py::none();
   }
@@ -343,12 +343,6 @@ class Recorder {
     numels_.clear();
     rows_before_ = 0;
     return b;
-  }
-
-  // (records as tuples, [(raw buffer, rows, numels), ...]) of everything since the last take().
-  py::tuple take() {
-    Block b = detach();
-    return py::make_tuple(b.records(), b.buffers_list());
   }
 
  private:
@@ -777,7 +771,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("record", &Recorder::record)
       .def("pending", &Recorder::pending)
       .def("forget", &Recorder::forget)
-      .def("take", &Recorder::take)
       .def("detach", &Recorder::detach)
       .def("enter", &Recorder::enter)
       .def("leave", &Recorder::leave);

@@ -5,8 +5,9 @@ needed, the stats kernel is reached through the nvcc-built launcher of fused_sta
 built (no compiler) the session does the same work in Python (``CaptureSession._emit_fast``).
 
     rec = recorder(capacity=1024)          # None when unavailable
-    others = rec.record(args, "model.layers.0", "forward", 0, "input", "x.py:3 in f", False)
-    records, buffers = rec.take()          # tuples for TraceWriter.write_block, stats buffers
+    probed = ext.Probed(forward, "model.layers.0", True, rec, on_begin, on_end, emit_other, is_skipped)
+    others = rec.record(args, "model.layers.0", "forward", 0, "input", "x.py:3 in f", False)  # hook path
+    block = rec.detach()                   # block.records(): tuples for TraceWriter.write_block
 """
 from __future__ import annotations
 
