@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import pytest
 import torch
 
 import tensordiff
@@ -155,3 +156,33 @@ def test_cpp_wrapper_with_backward_keeps_every_record_in_order(tmp_path):
     general, cpp = run(tmp_path / "g.h5", False), run(tmp_path / "c.h5", True)
     assert list(general["key"]) == list(cpp["key"])
     assert (cpp["direction"] == "backward").sum() > 50 and list(cpp["seq"]) == list(range(len(cpp)))
+
+
+def test_cpp_wrapper_lets_an_error_through_and_keeps_what_came_before(tmp_path):
+    """A module raising inside the C++ wrapper: the caller gets the same exception, the records of
+    the calls before it land in the trace, and every forward is restored afterwards."""
+    from tensordiff.probes import fast_records
+    from tensordiff.probes.module_hooks import ModuleProbe
+    from tensordiff.probes.session import CaptureSession
+    from tensordiff.trace import TraceWriter
+
+    class Boom(torch.nn.Module):
+        def forward(self, x):
+            raise ValueError("kernel exploded at row 7")
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), Boom(), torch.nn.Linear(8, 8))
+    path = tmp_path / "t.h5"
+    with TraceWriter(path, {}) as w:
+        s = CaptureSession(w, save_data=False)
+        s._fast, s._rec = True, fast_records.recorder(64, accept_cpu=True)
+        with ModuleProbe(model, s), torch.no_grad():
+            assert type(model[0].forward).__name__ == "Probed"
+            with pytest.raises(ValueError, match="kernel exploded at row 7"):
+                model(torch.randn(4, 8))
+        s.flush_stats()
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    keys = list(tensordiff.open_trace(path).index["key"])
+    assert keys[:5] == ["__root__/forward#0/input.0", "0/forward#0/input.0", "0/forward#0/output.0",
+                        "1/forward#0/input.0", "1/forward#0/output.0"]
+    assert "2/forward#0/input.0" in keys and not any(k.startswith("3/") or "output" in k and k.startswith("2/")
+                                                     for k in keys)

@@ -607,6 +607,8 @@ bool set_error_from_cpp() {
     e.restore();
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
+  } catch (...) {  // nothing may leave a C function called by CPython
+    PyErr_SetString(PyExc_RuntimeError, "tensordiff fast records: unknown C++ exception");
   }
   return false;
 }
