@@ -115,3 +115,27 @@ def test_device_module_that_does_not_exist_is_one_line(tmp_path):
                            "--out", str(tmp_path / "x"), "--seq-len", "16"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "no_such_npu_pkg" in proc.stderr
+
+
+def test_noncontig_copy_of_an_expanded_view_reads_only_its_storage():
+    """The fault reads a view in memory order. An expanded view (repeat_kv's stride-0 KV heads) has
+    more elements than its storage: past the storage's end the simulator reads zeros, the same on every
+    run, instead of whatever the heap holds there."""
+    import torch
+
+    from tensordiff.backends import echo_npu
+
+    echo_npu.load_extension()
+    try:
+        echo_npu.set_fault("noncontig-copy")
+        view = torch.arange(1.0, 7.0).to(echo_npu.DEVICE).expand(3, 6)  # 18 elements over 6 stored
+        first, second = view.cpu(), view.cpu()
+        assert torch.equal(first, torch.cat([torch.arange(1.0, 7.0), torch.zeros(12)]).view(3, 6))
+        assert torch.equal(first, second)
+        # the fault itself, inside the storage: a transposed view arrives in memory order
+        t = torch.arange(12.0).view(3, 4).to(echo_npu.DEVICE).t()
+        assert torch.equal(t.cpu(), torch.arange(12.0).view(4, 3))
+        echo_npu.set_fault("none")
+        assert torch.equal(view.cpu(), torch.arange(1.0, 7.0).expand(3, 6))  # clean: the right values
+    finally:
+        echo_npu.set_fault("none")

@@ -94,9 +94,8 @@ struct EchoHooks final : at::PrivateUse1HooksInterface {
 };
 
 // A CPU tensor over the same memory as a device tensor (the "device" is host memory).
-at::Tensor host_alias(const at::Tensor& t, bool ignore_strides = false) {
+at::Tensor host_alias(const at::Tensor& t) {
   auto opts = at::TensorOptions().dtype(t.scalar_type()).device(at::kCPU);
-  if (ignore_strides) return at::from_blob(t.data_ptr(), t.sizes(), opts);  // memory order: the bug
   return at::from_blob(t.data_ptr(), t.sizes(), t.strides(), opts);
 }
 
@@ -164,14 +163,37 @@ at::Tensor& set_source_storage(at::Tensor& self, c10::Storage source) {
 
 // Host <-> device and device <-> device copies. With noncontig-copy, the device side is read or
 // written in memory order, ignoring its strides: a transposed or sliced tensor arrives scrambled.
+// The buggy copy walks memory in order from the view's first element. An expanded view (stride 0,
+// e.g. repeat_kv's KV heads) has more elements than its storage holds: past the storage's end the
+// simulator reads zeros and drops writes instead of touching memory it does not own, which also
+// makes the fault's reports the same from run to run.
+int64_t elements_left(const at::Tensor& t) {
+  int64_t left = static_cast<int64_t>(t.storage().nbytes() / t.element_size()) - t.storage_offset();
+  return std::max<int64_t>(0, std::min<int64_t>(left, t.numel()));
+}
+
+at::Tensor memory_order_read(const at::Tensor& t) {
+  auto opts = at::TensorOptions().dtype(t.scalar_type()).device(at::kCPU);
+  at::Tensor flat = at::zeros({t.numel()}, opts);
+  int64_t n = elements_left(t);
+  if (n > 0) flat.narrow(0, 0, n).copy_(at::from_blob(t.data_ptr(), {n}, opts));
+  return flat.view(t.sizes());
+}
+
 at::Tensor copy_from(const at::Tensor& self, const at::Tensor& dst, bool) {
   count(g_native_counts, "aten::_copy_from");
   bool bug = g_fault.load() == NONCONTIG_COPY;
   bool self_dev = self.device().type() == c10::DeviceType::PrivateUse1;
   bool dst_dev = dst.device().type() == c10::DeviceType::PrivateUse1;
-  at::Tensor src_host = self_dev ? host_alias(self, bug && !self.is_contiguous()) : self;
-  at::Tensor dst_host = dst_dev ? host_alias(dst, bug && !dst.is_contiguous()) : dst;
-  if (self_dev && bug && !self.is_contiguous()) src_host = src_host.reshape(self.sizes());
+  at::Tensor src_host = !self_dev ? self : bug && !self.is_contiguous() ? memory_order_read(self) : host_alias(self);
+  if (dst_dev && bug && !dst.is_contiguous()) {
+    int64_t n = elements_left(dst);
+    auto opts = at::TensorOptions().dtype(dst.scalar_type()).device(at::kCPU);
+    if (n > 0)
+      at::from_blob(dst.data_ptr(), {n}, opts).copy_(src_host.expand(dst.sizes()).reshape(-1).narrow(0, 0, n));
+    return dst;
+  }
+  at::Tensor dst_host = dst_dev ? host_alias(dst) : dst;
   dst_host.copy_(src_host);
   return dst;
 }
