@@ -296,7 +296,7 @@ class HostStats:
         moments[n_finite <= 0] = np.nan
         return np.concatenate([moments, counts], axis=1)
 
-    def __getitem__(self, index):  # tests: host[row], host[row, col]
+    def __getitem__(self, index):  # host[row] (gpu_stats.StatsSlot), host[row, col]
         return torch.from_numpy(self.numpy())[index]
 
 
