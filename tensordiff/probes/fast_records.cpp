@@ -25,6 +25,25 @@
 
 namespace py = pybind11;
 
+// Nanoseconds spent in each part of probed calls, compiled in only for benchmarks/gpu_probe_parts.py
+// (-DTENSORDIFF_PART_TIMES): 0 source line, 1 argument records, 2 output records, 3 launches;
+// 4 probed calls, 5 launches (counts).
+#ifdef TENSORDIFF_PART_TIMES
+#include <chrono>
+static long long g_part[6];
+static long long now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+#define PART_START(var) long long var = now_ns()
+#define PART_ADD(i, start) (g_part[i] += now_ns() - (start), (void)0)
+#define PART_COUNT(i) (++g_part[i], (void)0)
+#else
+#define PART_START(var)
+#define PART_ADD(i, start) ((void)0)
+#define PART_COUNT(i) ((void)0)
+#endif
+
 namespace {
 
 using LaunchFn = int (*)(const void*, long long, int, long long, char*, long long, void*);
@@ -502,8 +521,11 @@ class Recorder {
       // the current stream of that device, as torch.cuda.current_stream(device) would give
       c10::DeviceGuard guard(t.device());
       void* stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(t.device()).native_handle();
+      PART_START(t0);
       int err = launch_(t.data_ptr(), n, launch_code(t.scalar_type()), row,
                         (char*)buffers_.back().data_ptr(), capacity_, stream);
+      PART_ADD(3, t0);
+      PART_COUNT(5);
       TORCH_CHECK(err == 0, "fused stats kernel launch failed (cudaError ", err, ")");
     }
     numels_.back().push_back(n);
@@ -631,8 +653,13 @@ PyObject* probed_vectorcall(PyObject* callable, PyObject* const* args, size_t na
     Recorder::Ctx ctx{self->module, rec->forward_id(), (int32_t)call, -1};
     bool ok;
     try {
+      PART_START(t0);
       ctx.source = source = rec->source_id(self->is_skipped);
+      PART_ADD(0, t0);
+      PART_START(t1);
       rec->record_call_args(args, PyVectorcall_NARGS(nargsf), kwnames, ctx);
+      PART_ADD(1, t1);
+      PART_COUNT(4);
       ok = true;
     } catch (...) {
       ok = set_error_from_cpp();
@@ -655,7 +682,9 @@ PyObject* probed_vectorcall(PyObject* callable, PyObject* const* args, size_t na
     Recorder::Ctx ctx{self->module, rec->forward_id(), (int32_t)call, -1};
     bool ok;
     try {
+      PART_START(t0);
       rec->record_ids(out, rec->output_id(), true, ctx);
+      PART_ADD(2, t0);
       ok = true;
     } catch (...) {
       ok = set_error_from_cpp();
@@ -768,6 +797,13 @@ bool init_probed_type(PyObject* module) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#ifdef TENSORDIFF_PART_TIMES
+  m.def("part_times", []() {
+    py::list out;
+    for (long long v : g_part) out.append(v);
+    return out;
+  });
+#endif
   py::class_<Recorder>(m, "Recorder")
       .def(py::init<int64_t, int64_t, py::object, bool>())
       .def("record", &Recorder::record)
