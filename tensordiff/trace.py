@@ -146,17 +146,17 @@ class TraceWriter:
             self._pending_bytes += nbytes
         self._queue.put((record, snap, nbytes))
 
-    def write_block(self, records, parts: list, device) -> None:
+    def write_block(self, records, parts: list) -> None:
         """Queue a block of module records from the fast GPU stats path (probes/session.emit_module):
-        tuples (record id, source, shape, stride, storage_offset, dtype, stats row, alias id[, device])
-        of tensors on ``device`` (or a fast_records Block that makes them), and their stats: parts
-        [(pinned host [rows, 9], CUDA event or None), ...] in row order, valid once each event is done."""
+        tuples (record id, source, shape, stride, storage_offset, dtype, stats row, alias id, device)
+        (or a fast_records Block that makes them), and their stats: parts [(host, CUDA event or None),
+        ...] in row order, ``host.numpy()`` [rows, 9] valid once its event is done."""
         if self._error is not None:
             raise self._error
         if self.synchronous:
-            self._write_block(records, parts, device)
+            self._write_block(records, parts)
         else:
-            self._queue.put((("block", records), (parts, device), 0))
+            self._queue.put((("block", records), parts, 0))
 
     @property
     def acknowledged(self) -> int:
@@ -196,7 +196,7 @@ class TraceWriter:
                     # (records with data behind it could fill the byte budget the model waits on: go on)
                     while not self.quiet.is_set() and self._queue.qsize() < 64 and self._pending_bytes == 0:
                         self.quiet.wait(0.05)
-                    self._write_block(item[0][1], *item[1])
+                    self._write_block(item[0][1], item[1])
                 else:
                     self._write_now(item[0], item[1])
                 # Index rows are committed in batches (each h5py call holds the GIL the model's thread
@@ -227,18 +227,16 @@ class TraceWriter:
         row = {**record, **snap.layout, "seq": seq, "has_data": has_data}
         self._append(seq, row, snap.stats_numpy(host))
 
-    def _write_block(self, records, parts: list, device) -> None:
+    def _write_block(self, records, parts: list) -> None:
         if not isinstance(records, list):  # a fast_records Block: its tuples are built here, off the model's path
             records = records.records()
         for _, event in parts:
             if event is not None:
                 event.synchronize()  # releases the GIL
         stats = np.concatenate([host.numpy() for host, _ in parts]) if parts else None
-        device = str(device)
-        for rid, source, shape, stride, offset, dtype, row, alias, *own_device in records:
+        for rid, source, shape, stride, offset, dtype, row, alias, device in records:
             rec = module_record(*rid, source)
-            rec.update(shape=list(shape), dtype=str(dtype).replace("torch.", ""),
-                       device=own_device[0] if own_device else device, stride=list(stride),
+            rec.update(shape=list(shape), dtype=str(dtype).replace("torch.", ""), device=str(device), stride=list(stride),
                        storage_offset=int(offset), contiguous=_is_contiguous(shape, stride), seq=self.count)
             if alias is not None:
                 rec["alias_of"] = module_record(*alias)["key"]

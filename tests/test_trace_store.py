@@ -92,12 +92,15 @@ def test_block_of_fast_records_is_written_with_layouts_and_aliases(tmp_path):
     what the general path writes (contiguity from shape and stride, aliases sharing the stats)."""
     stats = torch.tensor([[-1.0, 2.0, 0.5, 0.7, 0.9, 3.0, 0, 0, 1], [0.0, 1.0, 0.5, 0.5, 0.5, 1.0, 2, 1, 4]],
                          dtype=torch.float64)
-    block = [(("a", "forward", 0, "output.0"), "x.py:1 in f", torch.Size([2, 3]), (3, 1), 0, torch.bfloat16, 0, None),
+    cuda0 = torch.device("cuda", 0)
+    block = [(("a", "forward", 0, "output.0"), "x.py:1 in f", torch.Size([2, 3]), (3, 1), 0, torch.bfloat16, 0, None,
+              cuda0),
              (("b", "forward", 0, "input.0"), "x.py:2 in f", torch.Size([3, 2]), (1, 3), 0, torch.bfloat16, -1,
-              ("a", "forward", 0, "output.0")),
-             (("b", "forward", 0, "output.0"), "", torch.Size([4, 1, 2]), (2, 99, 1), 5, torch.float32, 1, None)]
+              ("a", "forward", 0, "output.0"), cuda0),
+             (("b", "forward", 0, "output.0"), "", torch.Size([4, 1, 2]), (2, 99, 1), 5, torch.float32, 1, None,
+              cuda0)]
     with TraceWriter(tmp_path / "t.h5", {}) as w:
-        w.write_block(block, [(stats, None)], "cuda:0")
+        w.write_block(block, [(stats, None)])
     idx = open_trace(tmp_path / "t.h5").index
     assert list(idx["key"]) == ["a/forward#0/output.0", "b/forward#0/input.0", "b/forward#0/output.0"]
     a, b_in, b_out = (idx.loc[k] for k in idx["key"])

@@ -142,13 +142,13 @@ struct Block {
     return out;
   }
 
-  // [(raw buffer, rows, numels), ...]
+  // [(raw buffer, [numel of each row's tensor]), ...] for fused_stats.copy_to_host
   py::list buffers_list() const {
     py::list out;
     for (size_t i = 0; i < buffers.size(); ++i) {
       py::list numel;
       for (auto n : numels[i]) numel.append(n);
-      out.append(py::make_tuple(buffers[i], (int64_t)numels[i].size(), numel));
+      out.append(py::make_tuple(buffers[i], numel));
     }
     return out;
   }

@@ -213,14 +213,6 @@ class FusedStatsBuffer:
         self._cuda = _cuda_library() if self.device.type == "cuda" else None
         self._base = raw.data_ptr()
 
-    @classmethod
-    def from_raw(cls, raw: torch.Tensor, numel: list) -> "FusedStatsBuffer":
-        """A buffer filled elsewhere (fast_records.cpp), ready for finish()."""
-        buf = cls.__new__(cls)
-        buf.device, buf.capacity, buf.rows, buf.numel = raw.device, raw.numel() // 56, len(numel), list(numel)
-        buf._raw = raw  # no views: finish() copies the raw bytes
-        return buf
-
     def _set_views(self, raw: torch.Tensor) -> None:
         """The layout of fused_stats.cu: float {min, max}, double {sum, sum |x|, sum x^2}, int64 counts."""
         cap = raw.numel() // 56
@@ -256,16 +248,22 @@ class FusedStatsBuffer:
         return row
 
     def finish(self) -> tuple["HostStats", object]:
-        """The accumulators copied to pinned host memory (HostStats) and the CUDA event after which
-        they are valid: one copy and one event on the model's thread, never a wait. The moments are
-        computed on the host by whoever reads them (the trace writer's thread)."""
-        cuda = self.device.type == "cuda"
-        host = torch.empty(self._raw.shape, dtype=torch.uint8, pin_memory=cuda)
-        host.copy_(self._raw, non_blocking=cuda)
-        event = torch.cuda.Event() if cuda else None
-        if event is not None:
-            event.record()
-        return HostStats(host, self.numel), event
+        """The rows so far on the host: see copy_to_host."""
+        return copy_to_host(self._raw, self.numel)
+
+
+def copy_to_host(raw: torch.Tensor, numel: list) -> tuple["HostStats", object]:
+    """A stats buffer's raw accumulators (``numel``: the element count of each row's tensor) copied to
+    pinned host memory, and the CUDA event after which they are valid: one copy and one event on the
+    model's thread, never a wait. The moments are computed on the host by whoever reads them (the
+    trace writer's thread). Also takes the buffers of fast_records.cpp."""
+    cuda = raw.device.type == "cuda"
+    host = torch.empty(raw.shape, dtype=torch.uint8, pin_memory=cuda)
+    host.copy_(raw, non_blocking=cuda)
+    event = torch.cuda.Event() if cuda else None
+    if event is not None:
+        event.record()
+    return HostStats(host, numel), event
 
 
 class HostStats:

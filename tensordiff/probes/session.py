@@ -202,7 +202,7 @@ class CaptureSession:
             seen = self._fast_seen.get(ident)
             if seen is not None and seen[1] == version and seen[0]() is not None:
                 self._block.append(((module, direction, call, slot), source, t.shape, t.stride(),
-                                    t.storage_offset(), t.dtype, -1, seen[2]))
+                                    t.storage_offset(), t.dtype, -1, seen[2], t.device))
                 self.records += 1
             else:
                 self._emit_fast(module, direction, call, slot, source, t, version, contiguous, ident)
@@ -231,7 +231,7 @@ class CaptureSession:
             buf = self._block_stats = fused_stats.FusedStatsBuffer(t.device, BLOCK_RECORDS)
             row = buf.add(t, contiguous)
         self._fast_seen[ident] = (weakref.ref(t), version, rid)
-        self._block.append((rid, source, t.shape, t.stride(), t.storage_offset(), t.dtype, row, None))
+        self._block.append((rid, source, t.shape, t.stride(), t.storage_offset(), t.dtype, row, None, t.device))
         self.records += 1
 
     def record_tensors(self, obj, module: str, direction: str, call: int, prefix: str, source: str,
@@ -246,15 +246,13 @@ class CaptureSession:
     def _flush_block(self) -> None:
         if self._rec is not None and self._rec.pending():
             block = self._rec.detach()  # its records become Python tuples in the writer's thread
-            parts = [fused_stats.FusedStatsBuffer.from_raw(raw, numel).finish() for raw, _, numel in block.buffers()]
-            self.writer.write_block(block, parts, None)  # each record carries its device
+            self.writer.write_block(block, [fused_stats.copy_to_host(raw, numel) for raw, numel in block.buffers()])
             self.records += len(block)
         if not self._block:
             return
         block, self._block = self._block, []
         buf, self._block_stats = self._block_stats, None
-        self.writer.write_block(block, [buf.finish()] if buf is not None else [],
-                                buf.device if buf is not None else "cpu")
+        self.writer.write_block(block, [buf.finish()] if buf is not None else [])
 
     def quietly(self, fn, *args):
         """Run our own tensor work (replays, copies) without the op probe recording it."""
