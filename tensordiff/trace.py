@@ -236,8 +236,9 @@ class TraceWriter:
         stats = np.concatenate([host.numpy() for host, _ in parts]) if parts else None
         for rid, source, shape, stride, offset, dtype, row, alias, device in records:
             rec = module_record(*rid, source)
-            rec.update(shape=list(shape), dtype=str(dtype).replace("torch.", ""), device=str(device), stride=list(stride),
-                       storage_offset=int(offset), contiguous=_is_contiguous(shape, stride), seq=self.count)
+            rec.update(shape=list(shape), dtype=str(dtype).replace("torch.", ""), device=str(device),
+                       stride=list(stride), storage_offset=int(offset), contiguous=_is_contiguous(shape, stride),
+                       seq=self.count)
             if alias is not None:
                 rec["alias_of"] = module_record(*alias)["key"]
                 original = self._seq_of[rec["alias_of"]]
