@@ -635,6 +635,20 @@ bool set_error_from_cpp() {
   return false;
 }
 
+// Runs `work` (records into ctx) and hands the tensors it did not take to Python; false with a Python
+// error set when either failed.
+template <typename Work>
+bool record_then_emit(ProbedObject* self, int64_t call, Work work) {
+  Recorder::Ctx ctx{self->module, self->rec->forward_id(), (int32_t)call, -1};
+  try {
+    work(ctx);
+  } catch (...) {
+    Py_XDECREF(ctx.others);
+    return set_error_from_cpp();
+  }
+  return emit_others(self, ctx.others, call, ctx.source);
+}
+
 PyObject* probed_vectorcall(PyObject* callable, PyObject* const* args, size_t nargsf, PyObject* kwnames) {
   auto* self = reinterpret_cast<ProbedObject*>(callable);
   Recorder* rec = self->rec;
@@ -648,57 +662,32 @@ PyObject* probed_vectorcall(PyObject* callable, PyObject* const* args, size_t na
     }
     Py_DECREF(res);
   }
-  int32_t source = -1;
-  if (self->wanted) {
-    Recorder::Ctx ctx{self->module, rec->forward_id(), (int32_t)call, -1};
-    bool ok;
-    try {
-      PART_START(t0);
-      ctx.source = source = rec->source_id(self->is_skipped);
-      PART_ADD(0, t0);
-      PART_START(t1);
-      rec->record_call_args(args, PyVectorcall_NARGS(nargsf), kwnames, ctx);
-      PART_ADD(1, t1);
-      PART_COUNT(4);
-      ok = true;
-    } catch (...) {
-      ok = set_error_from_cpp();
-      Py_XDECREF(ctx.others);
-      ctx.others = nullptr;
-    }
-    if (!ok || !emit_others(self, ctx.others, call, source)) {
-      rec->leave();
-      if (root) call_on_end(self, true);
-      return nullptr;
-    }
-  }
-  PyObject* out = PyObject_Vectorcall(self->forward, args, nargsf, kwnames);
-  rec->leave();
-  if (out == nullptr) {
+  if (self->wanted && !record_then_emit(self, call, [&](Recorder::Ctx& ctx) {
+        PART_START(t0);
+        ctx.source = rec->source_id(self->is_skipped);
+        PART_ADD(0, t0);
+        PART_START(t1);
+        rec->record_call_args(args, PyVectorcall_NARGS(nargsf), kwnames, ctx);
+        PART_ADD(1, t1);
+        PART_COUNT(4);
+      })) {
+    rec->leave();
     if (root) call_on_end(self, true);
     return nullptr;
   }
-  if (self->wanted) {
-    Recorder::Ctx ctx{self->module, rec->forward_id(), (int32_t)call, -1};
-    bool ok;
-    try {
+  PyObject* out = PyObject_Vectorcall(self->forward, args, nargsf, kwnames);
+  rec->leave();
+  bool ok = out != nullptr;
+  if (ok && self->wanted) {
+    ok = record_then_emit(self, call, [&](Recorder::Ctx& ctx) {  // outputs carry no source line
       PART_START(t0);
       rec->record_ids(out, rec->output_id(), true, ctx);
       PART_ADD(2, t0);
-      ok = true;
-    } catch (...) {
-      ok = set_error_from_cpp();
-      Py_XDECREF(ctx.others);
-      ctx.others = nullptr;
-    }
-    if (!ok || !emit_others(self, ctx.others, call, -1)) {
-      Py_DECREF(out);
-      if (root) call_on_end(self, true);
-      return nullptr;
-    }
+    });
   }
-  if (root && !call_on_end(self, false)) {
-    Py_DECREF(out);
+  if (root) ok = call_on_end(self, !ok) && ok;
+  if (!ok) {
+    Py_XDECREF(out);
     return nullptr;
   }
   return out;
