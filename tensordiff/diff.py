@@ -14,6 +14,7 @@ import pandas as pd
 from tensordiff.align import align
 from tensordiff.errors import TensordiffError
 from tensordiff.metrics import Tolerance, beyond, compare, tolerance_for, unravel
+from tensordiff.state_table import StateTable, state_table
 from tensordiff.trace import TraceReader, open_trace
 
 VERDICTS = ("match", "diverged", "nan", "crashed", "incomplete")
@@ -37,6 +38,9 @@ class DiffResult:
     flips: list = field(default_factory=list)
     timing: dict = field(default_factory=dict)
     modules: pd.DataFrame = field(default_factory=pd.DataFrame)  # the amplification table
+    state: StateTable = field(default_factory=StateTable)  # parameters and buffers, ref vs tgt
+    rounding: dict | None = None  # first record over budget when replay shows it is accumulated rounding
+    load: dict | None = None  # what loading the checkpoint reported (missing / unexpected tensors)
 
     def to_markdown(self) -> str:
         from tensordiff.render.markdown import render_markdown
@@ -112,7 +116,10 @@ def _judge(judge: dict, key: str, trow: dict, tol: Tolerance, tgt: TraceReader) 
 
 def compare_traces(ref: TraceReader, tgt: TraceReader, policy: TolerancePolicy,
                    judge: dict | None = None) -> tuple[pd.DataFrame, object]:
-    alignment = align(ref.index, tgt.index)
+    tindex = tgt.index
+    if "drill" in tindex.columns:  # drill-down op records have no reference counterpart by design
+        tindex = tindex[tindex["drill"].isna() | (tindex["drill"] != True)]  # noqa: E712
+    alignment = align(ref.index, tindex)
     rindex, tindex = ref.rows, tgt.rows
     rows = []
     for rkey, tkey in alignment.pairs:
@@ -166,6 +173,31 @@ def first_nan(table: pd.DataFrame) -> dict | None:
     return _record_summary(hits.iloc[0].to_dict()) if len(hits) else None
 
 
+def load_notes(load: dict | None) -> list[str]:
+    """Plain words for what the checkpoint lacked or had in excess: never a silent random init."""
+    if not load:
+        return []
+    notes = []
+    for what, text in (("missing", "the checkpoint lacks {n} tensor(s) that {cls} needs; they were "
+                                   "initialised at random (the same values on both sides): {names}"),
+                       ("unexpected", "the checkpoint has {n} tensor(s) that {cls} does not use: {names}"),
+                       ("mismatched", "{n} tensor(s) of the checkpoint have another shape in {cls} and "
+                                      "were initialised at random: {names}")):
+        names = load.get(what) or []
+        if names:
+            shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+            notes.append(text.format(n=len(names), cls=load.get("class", "the model"), names=shown))
+    return notes
+
+
+def state_notes(state: StateTable) -> list[str]:
+    if not state.rows:
+        return []
+    names = ", ".join(r["name"] for r in state.rows[:4]) + (", ..." if len(state.rows) > 4 else "")
+    return [f"state: {len(state.rows)} parameter/buffer difference(s) between reference and target "
+            f"beyond the usual cast ({names}); see the state table"]
+
+
 def diff(reference, target, atol: float | None = None, rtol: float | None = None, rel_l2: float | None = None,
          per_pattern: tuple = (), crash: dict | None = None, timing: dict | None = None,
          fp64=None, floor=None) -> DiffResult:
@@ -187,10 +219,15 @@ def diff(reference, target, atol: float | None = None, rtol: float | None = None
     table, alignment = compare_traces(ref, tgt, policy, judge)
     from tensordiff.localize import localize
 
+    ref_meta = {k: v for k, v in ref.meta.items() if k not in ("state", "load")}
+    tgt_meta = {k: v for k, v in tgt.meta.items() if k not in ("state", "load")}
     result = DiffResult(verdict="match", reference=str(ref.path), target=str(tgt.path), table=table,
-                        meta={"reference": ref.meta, "target": tgt.meta,
+                        meta={"reference": ref_meta, "target": tgt_meta,
                               "reference_complete": ref.complete, "target_complete": tgt.complete},
-                        crash=crash, timing=timing or {})
+                        crash=crash, timing=timing or {},
+                        state=state_table(ref.meta.get("state"), tgt.meta.get("state")),
+                        load=tgt.meta.get("load") or ref.meta.get("load"))
+    result.notes += load_notes(result.load) + state_notes(result.state)
     result.policy = policy
     result.unmatched = {"reference_only": alignment.ref_only, "target_only": alignment.tgt_only,
                         "ops": alignment.unmatched_ops}
@@ -207,4 +244,22 @@ def diff(reference, target, atol: float | None = None, rtol: float | None = None
         raise TensordiffError(f"no record of {tgt.path} matches a record of {ref.path}: "
                               "were they captured from the same model?")
     localize(result, ref, tgt)
+    result.notes += drill_notes(tgt.meta.get("drill_down"), result.culprit)
     return result
+
+
+def drill_notes(drill: dict | None, culprit: dict | None) -> list[str]:
+    """Say that a drill-down ran, where, and what it found."""
+    if not drill:
+        return []
+    if not drill.get("ran"):
+        return [f"drill-down of {drill['scope']} at op level did not run: {drill.get('why')}"]
+    text = f"drill-down: {drill['scope']} was re-run at op level on the target's own inputs"
+    if culprit and culprit.get("scope") == drill["scope"] or culprit and culprit.get("key", "").startswith(
+            drill["scope"] + "/op"):
+        if culprit.get("op"):
+            culprit["drill_down"] = True
+            return [f"{text}; it names {culprit['op']}"]
+        return [f"{text}; no op of its own code is wrong on its own inputs: the difference lies in which ops "
+                "run or what they are fed (an op added, dropped, or given another tensor)"]
+    return [text]

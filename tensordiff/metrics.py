@@ -40,6 +40,20 @@ DEFAULT_TOLERANCES = {
 }
 
 
+# A low-precision call is wrong only when its local error exceeds this many times the noise floor
+# (the reference code in the target's dtype on the same inputs) plus a tenth of the budget: the
+# rule of torch's accuracy minifier and of FlashAttention's tests.
+FLOOR_MULTIPLIER = 2.0
+
+
+def local_beyond(local, floor, tol: float) -> bool:
+    """Is a call's local error its own fault? Over budget, and (where a noise floor was measured)
+    over FLOOR_MULTIPLIER x the error the reference code itself makes in that dtype."""
+    if local is None or local != local or local <= tol:
+        return False
+    return floor is None or floor != floor or local > FLOOR_MULTIPLIER * floor + tol / 10
+
+
 def tolerance_for(dtype: str) -> Tolerance:
     return DEFAULT_TOLERANCES.get(dtype.replace("torch.", ""), DEFAULT_TOLERANCES["float32"])
 

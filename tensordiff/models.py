@@ -147,22 +147,83 @@ def _user_model(spec: str, seed: int) -> ModelBundle:
     return ModelBundle(model.eval(), inputs, spec)
 
 
-def _pretrained(spec: str, seed: int, attn: str):
+def _model_class(config, model_class: str | None):
+    """The class the checkpoint declares (``config.architectures``), or ``--model-class``. A checkpoint
+    of a bare encoder (``BertModel``) must not be loaded through AutoModelForCausalLM: that builds an
+    LM head the checkpoint does not have and initialises it at random."""
     import transformers
 
+    if model_class:
+        cls = getattr(transformers, model_class, None)
+        if cls is None or not hasattr(cls, "from_pretrained"):
+            raise TensordiffError(f"--model-class {model_class!r} is not a transformers model class "
+                                  "(e.g. AutoModel, AutoModelForCausalLM, BertModel)")
+        return cls
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None and hasattr(cls, "from_pretrained"):
+            return cls
+    archs = getattr(config, "architectures", None) or []
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or (
+        not archs and type(config) in transformers.MODEL_FOR_CAUSAL_LM_MAPPING)
+    return transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+
+
+def _pretrained(spec: str, seed: int, attn: str, model_class: str | None = None):
+    """(model, load report) of a local checkpoint; tensors the checkpoint lacks are listed, never hidden."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()  # its LOAD REPORT is ours to show (load_report)
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            spec, local_files_only=True, dtype=torch.float32, attn_implementation=attn)
-        model.config.use_cache = False
+        config = transformers.AutoConfig.from_pretrained(spec, local_files_only=True)
+        cls = _model_class(config, model_class)
+        torch.manual_seed(seed)  # whatever the checkpoint lacks is initialised the same way every run
+        kwargs = dict(local_files_only=True, dtype=torch.float32, output_loading_info=True)
+        try:
+            model, info = cls.from_pretrained(spec, attn_implementation=attn, **kwargs)
+        except ValueError as exc:  # a model without that attention implementation
+            if "attn" not in str(exc).lower() and "attention" not in str(exc).lower():
+                raise
+            model, info = cls.from_pretrained(spec, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TensordiffError(f"cannot load model {spec!r} from a local directory or the local HF cache "
                               f"(no downloads are made): {first}") from None
-    return model.eval()
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    report = {"class": type(model).__name__, "declared": list(getattr(config, "architectures", None) or []),
+              "missing": sorted(info.get("missing_keys") or []),
+              "unexpected": sorted(info.get("unexpected_keys") or []),
+              "mismatched": sorted(str(m[0]) if isinstance(m, (tuple, list)) else str(m)
+                                   for m in info.get("mismatched_keys") or [])}
+    return model.eval(), report
+
+
+def _checkpoint_inputs(model, batch: int, seq_len: int, seed: int, attention_mask: bool) -> Inputs:
+    """Token inputs for what the model's forward takes: token_type_ids and attention_mask too."""
+    import inspect
+
+    config = model.config
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and 0 < limit < seq_len:
+        raise TensordiffError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({limit})")
+    inputs = _token_inputs(config.vocab_size, batch, seq_len, seed, attention_mask)
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    ids = inputs.kwargs["input_ids"]
+    if "attention_mask" in params and "attention_mask" not in inputs.kwargs:
+        inputs.kwargs["attention_mask"] = torch.ones_like(ids)
+    if "token_type_ids" in params:
+        inputs.kwargs["token_type_ids"] = torch.zeros_like(ids)
+    return inputs
 
 
 def load_model(spec: str = "qwen", size: str = "tiny", batch: int = 1, seq_len: int = 128,
-               seed: int = 0, attention_mask: bool = False, attn: str = "sdpa") -> ModelBundle:
+               seed: int = 0, attention_mask: bool = False, attn: str = "sdpa",
+               model_class: str | None = None) -> ModelBundle:
     if batch < 1 or seq_len < 1:
         raise TensordiffError(f"--batch and --seq-len must be positive (got {batch} x {seq_len})")
     if spec in ("qwen", "qwen-moe"):
@@ -171,7 +232,6 @@ def load_model(spec: str = "qwen", size: str = "tiny", batch: int = 1, seq_len: 
         return ModelBundle(model, inputs, spec, {"size": size, "config": model.config.to_diff_dict()})
     if ":" in spec and spec.rsplit(":", 1)[0].endswith(".py"):
         return _user_model(spec, seed)
-    model = _pretrained(spec, seed, attn)
-    vocab = model.config.vocab_size
-    return ModelBundle(model, _token_inputs(vocab, batch, seq_len, seed, attention_mask), spec,
-                       {"config": model.config.to_diff_dict()})
+    model, report = _pretrained(spec, seed, attn, model_class)
+    inputs = _checkpoint_inputs(model, batch, seq_len, seed, attention_mask)
+    return ModelBundle(model, inputs, spec, {"config": model.config.to_diff_dict(), "load": report})

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from tensordiff.backends import get_backend
 from tensordiff.diff import DiffResult, diff
+from tensordiff.model_state import (base_tensors, load_inputs, load_state, save_inputs, save_state,
+                                    state_file_paths, state_rows)
 from tensordiff.models import load_model
 from tensordiff.tracing import capture, time_plain_forward
 
@@ -39,6 +41,7 @@ class TraceJob:
     judge_fp64: bool = False
     per_pattern: tuple = ()  # ((fnmatch pattern, Tolerance), ...)
     isolate: bool = True
+    model_class: str | None = None
 
 
 @dataclass
@@ -56,23 +59,32 @@ def write_reports(result: DiffResult, out_dir: Path) -> None:
     (out_dir / "report.html").write_text(result.to_html())
 
 
-def _bundle(job: TraceJob):
-    return load_model(job.model, size=job.size, batch=job.batch, seq_len=job.seq_len, seed=job.seed,
-                      attention_mask=job.attention_mask)
+def _bundle(job: TraceJob, state_from: Path | None = None):
+    """The model and inputs. With ``state_from`` (an isolated target's child), the parent's state and
+    inputs replace what this process built: both sides start from bit-identical numbers."""
+    bundle = load_model(job.model, size=job.size, batch=job.batch, seq_len=job.seq_len, seed=job.seed,
+                        attention_mask=job.attention_mask, model_class=job.model_class)
+    if state_from is not None:
+        state, inputs = state_file_paths(state_from)
+        load_state(bundle.model, state)
+        bundle.inputs = load_inputs(inputs)
+    return bundle
 
 
 def capture_role(job: TraceJob, role: str, bundle=None, crash_safe: bool = False) -> dict:
     """Capture one side into OUT/ROLE.h5; returns its timing. Runs in the child for isolated targets."""
-    bundle = bundle or _bundle(job)
+    bundle = bundle or _bundle(job, state_from=Path(job.out) if crash_safe else None)
     backend = get_backend(job.reference) if role == "reference" else get_backend(job.target, job.fault)
     model = backend(bundle.model)
+    state = state_rows(model, base_tensors(bundle.model))
     inputs = backend.inputs(bundle.inputs.clone())
     if backend.name == "echo_npu":
         from tensordiff.backends.echo_npu import load_extension
 
         load_extension().reset_counts()
     meta = {"model": job.model, "size": job.size, "seed": job.seed, "inputs": bundle.inputs.describe(),
-            "job": asdict(job), "role": role, "backend": backend.describe()}
+            "job": asdict(job), "role": role, "backend": backend.describe(),
+            "load": bundle.info.get("load"), "state": state}
     # Capture first: a target that crashes must leave its trace, not die in an untraced timing run.
     result = capture(model, inputs, Path(job.out) / f"{role}.h5", level=job.level, save=job.save,
                      backward=job.backward, module_filter=job.module_filter, metadata=meta,
@@ -112,11 +124,21 @@ def _capture_isolated(job: TraceJob) -> tuple[dict, dict | None]:
         raise TensordiffError(proc.stderr.strip().splitlines()[-1].removeprefix("error: "))
     code = proc.returncode
     reason = (f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}")
-    lines = [l for l in progress.read_text(errors="replace").splitlines() if l.strip()]
-    last = lines[-1].split("\t") if lines else ["", ""]
-    crash = {"reason": reason, "returncode": code, "last_key": last[0], "last_source": last[1] if len(last) > 1 else "",
-             "stderr_tail": proc.stderr[-3000:]}
+    crash = {"reason": reason, "returncode": code, **_crash_place(progress), "stderr_tail": proc.stderr[-3000:]}
     return timing, crash
+
+
+def _crash_place(progress: Path) -> dict:
+    """Where the child was: the innermost module call an exception left and the op that raised (an
+    ``error`` breadcrumb), else the last call or op started (a signal gives no chance to say more)."""
+    lines = [l for l in progress.read_text(errors="replace").splitlines() if l.strip()]
+    errors = [l.split("\t") for l in lines if l.startswith("error\t")]
+    if errors:
+        _, scope, op, source = (errors[0] + ["", "", ""])[:4]
+        return {"last_key": f"{scope} / {op}" if op else scope, "last_source": source,
+                "module": scope.rsplit("/", 1)[0], "op": op or None}
+    last = lines[-1].split("\t") if lines else ["", ""]
+    return {"last_key": last[0], "last_source": last[1] if len(last) > 1 else ""}
 
 
 def _judge_traces(job: TraceJob, bundle) -> dict:
@@ -148,7 +170,14 @@ def trace_job(job: TraceJob) -> TraceOutcome:
     timing = capture_role(job, "reference", bundle)
     crash = None
     if job.isolate:
-        target_timing, crash = _capture_isolated(job)
+        state_path, inputs_path = state_file_paths(out_dir)
+        save_state(bundle.model, state_path)
+        save_inputs(bundle.inputs, inputs_path)
+        try:
+            target_timing, crash = _capture_isolated(job)
+        finally:
+            state_path.unlink(missing_ok=True)
+            inputs_path.unlink(missing_ok=True)
     else:
         target_timing = capture_role(job, "target", bundle)
     timing.update(target_timing)

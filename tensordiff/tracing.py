@@ -96,7 +96,8 @@ def capture(model: torch.nn.Module, inputs, path, level: str = "module", save: s
         session = CaptureSession(writer, save_data=(save == "full"), module_filter=module_filter,
                                  replayer=replayer, fast_gpu_stats=(level == "module"))
         with contextlib.ExitStack() as stack:
-            stack.enter_context(ModuleProbe(model, session, backward=backward))
+            probe = stack.enter_context(ModuleProbe(model, session, backward=backward,
+                                                    drill_down=(level == "module")))
             if level in ("op", "both"):
                 stack.enter_context(OpProbe(session))
             start = time.perf_counter()
@@ -105,7 +106,7 @@ def capture(model: torch.nn.Module, inputs, path, level: str = "module", save: s
             _sync()
             seconds = time.perf_counter() - start
             writer.quiet.set()  # the traced run is over: the writer may write the index rows now
-        writer.set_metadata(traced_seconds=seconds, replay=replayer is not None,
+        writer.set_metadata(traced_seconds=seconds, replay=replayer is not None, drill_down=probe.drilled,
                             replay_failures=dict(list(replayer.failures.items())[:50]) if replayer else {})
     return CaptureResult(str(path), session.records, seconds, output)
 

@@ -139,3 +139,28 @@ def test_noncontig_copy_of_an_expanded_view_reads_only_its_storage():
         assert torch.equal(view.cpu(), torch.arange(1.0, 7.0).expand(3, 6))  # clean: the right values
     finally:
         echo_npu.set_fault("none")
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_qwen_moe_runs_clean_on_echo_npu(tmp_path, backward):
+    """The grouped-mm experts path counts tokens with histc on int32 on any non-CPU device: the port
+    has it natively, forward and backward match the CPU."""
+    res = trace_job(make_job(tmp_path, model="qwen-moe", target="echo_npu", backward=backward)).result
+    assert res.verdict == "match", (res.crash, res.culprit)
+    assert res.timing["echo_npu_ops"]["native"]["aten::histc"] > 0
+    assert res.counts["matched"] > 50
+    if backward:
+        assert (res.table["direction"] == "backward").sum() > 10
+
+
+def test_exception_in_isolated_target_names_module_and_op(tmp_path):
+    """A Python exception inside the target is a crash that names the innermost call and the op."""
+    from pathlib import Path
+
+    plugin = Path(__file__).parent / "plugins" / "planted.py"
+    res = trace_job(make_job(tmp_path, target=f"{plugin}:unsupported_op_in_layer0_mlp")).result
+    assert res.verdict == "crashed"
+    assert res.crash["module"] == "model.layers.0.mlp.down_proj"
+    assert res.crash["op"] == "tdtest::unsupported"
+    assert res.crash["last_key"] == "model.layers.0.mlp.down_proj/forward#0 / tdtest::unsupported"
+    assert "planted.py" in res.crash["last_source"]

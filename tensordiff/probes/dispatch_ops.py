@@ -15,7 +15,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from tensordiff.metrics import tolerance_for
-from tensordiff.probes.replay import layout_experiment, local_error, output_tensors, replayable
+from tensordiff.probes.replay import (dtypes_of, layout_experiment, local_error, low_precision_budget,
+                                      output_tensors, replayable)
 from tensordiff.probes.session import CaptureSession, user_source_line
 
 # Ops whose only job is metadata or that tensordiff itself never needs to compare.
@@ -44,6 +45,8 @@ class OpProbe(TorchDispatchMode):
         base = {"kind": "op", "direction": session.direction, "module": module, "scope": scope,
                 "call": int(scope.rsplit("#", 1)[1]), "op": func.name(), "op_index": index,
                 "source": user_source_line()}
+        if session.drilling:
+            base["drill"] = True
         prefix = f"{scope}/op{index:04d}.{short}"
         session.progress(f"{prefix}\t{base['source']}")
         is_view = bool(getattr(func, "is_view", False))
@@ -56,6 +59,7 @@ class OpProbe(TorchDispatchMode):
                 slot += 1
         replayer = session.replayer if session.direction == "forward" and replayable(func) else None
         ref_in = session.quietly(replayer.to_reference, (args, kwargs)) if replayer else None
+        dtypes = dtypes_of((args, kwargs)) if replayer else None
         out = func(*args, **kwargs)
         ref_out = output_tensors(session.quietly(replayer.run_op, func, ref_in)) if replayer else []
         for i, item in enumerate(output_tensors(out)):
@@ -66,8 +70,25 @@ class OpProbe(TorchDispatchMode):
                     rec["local_rel_l2"], rec["local_max_abs"] = local
                     budget = tolerance_for(str(item.dtype).replace("torch.", "")).rel_l2
                     if i == 0 and local[0] > budget:
+                        if low_precision_budget(item) is not None:
+                            floor = session.quietly(replayer.op_floor, func, ref_in, dtypes, ref_out[0])
+                            if floor is not None:
+                                rec["local_floor_rel_l2"] = floor
                         verdict = session.quietly(layout_experiment, func, args, kwargs, ref_out[0], budget)
                         if verdict:
                             rec["layout_experiment"] = verdict
             session.emit(rec, item, save_data=False if is_view else None)
         return out
+
+
+class LastOpTracker(TorchDispatchMode):
+    """Remembers the op that started last and the user line that called it (naming a failing op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.op = None
+        self.source = ""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.op, self.source = func.name(), user_source_line()
+        return func(*args, **(kwargs or {}))

@@ -14,8 +14,23 @@ import warnings
 import torch
 
 from tensordiff.errors import TensordiffError
-from tensordiff.probes.replay import local_error
+from tensordiff.metrics import local_beyond, tolerance_for
+from tensordiff.probes.replay import dtypes_of, local_error, low_precision_budget
 from tensordiff.probes.session import ROOT, CaptureSession, flatten_tensors, is_skipped_file, user_source_line
+
+
+def _versions(obj) -> list:
+    """Version counters of the tensors in obj: a call that wrote into its inputs cannot be re-run."""
+    from torch.utils._pytree import tree_flatten
+
+    out = []
+    for x in tree_flatten(obj)[0]:
+        if isinstance(x, torch.Tensor):
+            try:
+                out.append(x._version)
+            except RuntimeError:  # inference tensors have no version counter
+                out.append(None)
+    return out
 
 
 def _outputs(output):
@@ -43,10 +58,20 @@ class ModuleProbe:
     already has forward hooks (a user's fault injection, a quantisation library) gets hooks registered
     after them instead, so the record shows what the call really returned to its caller."""
 
-    def __init__(self, model: torch.nn.Module, session: CaptureSession, backward: bool = False):
+    def __init__(self, model: torch.nn.Module, session: CaptureSession, backward: bool = False,
+                 drill_down: bool = False):
         self.model = model
         self.session = session
         self.backward = backward
+        # Drill-down: the first call whose own code is wrong (its local error is beyond tolerance and
+        # no descendant's is) is re-run at once at op level on the same inputs, so the op is named
+        # without paying for op-level capture of the whole model.
+        self.drill_down = drill_down and session.replayer is not None
+        # Frames are also kept in a crash-safe child (progress breadcrumbs on): a call that raises is
+        # re-run once with an op tracker so the crash report names the op, not just the module.
+        self._keep_frames = self.drill_down or session._progress_fd is not None
+        self._frames: list = []         # per open call: inputs and whether a descendant was beyond
+        self.drilled: dict | None = None
         self._handles = []
         self._wrapped: list = []        # (module, its own instance-level forward or None)
         self._open_calls: list = []     # hook path: the state of each open call
@@ -96,9 +121,16 @@ class ModuleProbe:
         self._handles.clear()
         return False
 
-    def _enter(self, name: str, wanted: bool, args, kwargs) -> tuple:
+    def _enter(self, name: str, wanted: bool, args, kwargs, forward=None) -> tuple:
         session = self.session
         call = session.next_call(name, "forward")
+        if session.drilling:  # inside a drill-down re-run: scopes only, the op probe records
+            scope = f"{name}/forward#{call}"
+            session.scopes.append((name, scope))
+            return call, False, scope
+        if self._keep_frames:
+            self._frames.append({"forward": forward, "args": args, "kwargs": kwargs, "below": False,
+                                 "versions": _versions((args, kwargs))})
         # with the C++ wrappers some calls never touch session.scopes: the recorder keeps the depth
         is_root = session._rec.enter() if session._rec is not None else not session.scopes
         scope = f"{name}/forward#{call}"
@@ -109,7 +141,8 @@ class ModuleProbe:
             session.progress(scope)
         if wanted:
             if session.replayer is not None:
-                self._replay_inputs.append(session.quietly(session.replayer.to_reference, (args, kwargs)))
+                self._replay_inputs.append((session.quietly(session.replayer.to_reference, (args, kwargs)),
+                                            dtypes_of((args, kwargs))))
             src = user_source_line(start=3)  # past _enter and the wrapper (or hook): torch's __call__
             if session._rec is not None:  # fast mode, C++ recorder
                 session.record_tensors(args, name, "forward", call, "input", src, False)
@@ -131,26 +164,92 @@ class ModuleProbe:
         call, is_root, scope = state
         if session.scopes:
             session.scopes.pop()
+        if session.drilling:
+            return
         if session._rec is not None:
             session._rec.leave()
         if session._progress_fd is not None:
             session.progress(f"{session.current_scope()[1]} (after {scope})")
+        own_fault = False
+        if failed and wanted and session.replayer is not None and self._replay_inputs:
+            self._replay_inputs.pop()
+        if failed and session.error is None:  # the innermost call the exception leaves
+            self._locate_error(name, scope, self._frames[-1] if self._frames else None)
         if wanted and not failed:
             if session._rec is not None:  # fast mode, C++ recorder
                 session.record_tensors(output, name, "forward", call, "output", "", True)
             elif isinstance(output, torch.Tensor) and session.replayer is None:  # the common case
                 session.emit_module(name, "forward", call, "output.0", "", output)
             else:
-                replayed = self._replay(name, session) if session.replayer is not None else {}
+                replayed, ref_inputs = self._replay(name, session) if session.replayer is not None else ({}, None)
+                judged = False
                 for slot, t in _named_tensors(_outputs(output), "output"):
                     extra = None
                     if slot in replayed:
-                        local = session.quietly(local_error, t, replayed[slot])
-                        if local is not None:
-                            extra = {"local_rel_l2": local[0], "local_max_abs": local[1]}
+                        extra = session.quietly(self._local_error, name, slot, t, replayed[slot], ref_inputs)
+                        if not judged and extra and t.is_floating_point():  # the first float output
+                            judged = True
+                            own_fault = local_beyond(extra["local_rel_l2"], extra.get("local_floor_rel_l2"),
+                                                     tolerance_for(str(t.dtype).replace("torch.", "")).rel_l2)
                     session.emit_module(name, "forward", call, slot, "", t, extra)
+        if self._keep_frames:
+            self._after_call(name, scope, own_fault)
         if is_root:
             session.end_of_forward()  # no stats wait past a root forward; what came before an error lands
+
+    def _after_call(self, name: str, scope: str, beyond: bool) -> None:
+        """Pop the call's frame; drill into the first call beyond whose descendants are all within."""
+        frame = self._frames.pop() if self._frames else None
+        if frame is None:
+            return
+        if self._frames:
+            self._frames[-1]["below"] |= beyond or frame["below"]
+        if (self.drill_down and beyond and not frame["below"] and self.drilled is None
+                and frame["forward"] is not None):
+            self.drilled = self._drill(name, scope, frame)
+
+    def _rerun(self, name: str, scope: str, frame: dict, mode) -> str:
+        """Run a finished call again on the same input objects under ``mode``, in the call's scope,
+        module records off and call counters restored. Returns why it failed, or ''."""
+        session = self.session
+        saved_calls = session.calls.copy()
+        session.drilling = True
+        session.scopes.append((name, scope))
+        try:
+            with torch.no_grad(), mode:
+                frame["forward"](*frame["args"], **frame["kwargs"])
+            return ""
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"[:200]
+        finally:
+            session.scopes.pop()
+            session.drilling = False
+            session.calls = saved_calls
+
+    def _locate_error(self, name: str, scope: str, frame: dict | None) -> None:
+        from tensordiff.probes.dispatch_ops import LastOpTracker
+
+        session = self.session
+        session.error = {"module": name, "scope": scope, "op": None, "source": ""}
+        if frame is not None and frame["forward"] is not None and \
+                _versions((frame["args"], frame["kwargs"])) == frame["versions"]:
+            tracker = LastOpTracker()
+            if self._rerun(name, scope, frame, tracker):  # it raised again: the last op is the one
+                session.error.update(op=tracker.op, source=tracker.source)
+        session.progress(f"error\t{scope}\t{session.error['op'] or ''}\t{session.error['source']}")
+
+    def _drill(self, name: str, scope: str, frame: dict) -> dict:
+        """Re-run one finished call on the target with the same input objects, under the op probe
+        (op records with local errors, in this call's scope); module call counters are restored."""
+        from tensordiff.probes.dispatch_ops import OpProbe
+
+        session = self.session
+        if _versions((frame["args"], frame["kwargs"])) != frame["versions"]:
+            return {"scope": scope, "ran": False, "why": "the call changed its inputs in place"}
+        before = session.records
+        failed = self._rerun(name, scope, frame, OpProbe(session))
+        return {"scope": scope, "ran": not failed, "records": session.records - before,
+                "why": f"re-run failed: {failed}" if failed else ""}
 
     def _wrap(self, name: str, wanted: bool, forward):
         session = self.session
@@ -166,7 +265,7 @@ class ModuleProbe:
 
         @functools.wraps(forward)
         def probed_forward(*args, **kwargs):
-            state = self._enter(name, wanted, args, kwargs)
+            state = self._enter(name, wanted, args, kwargs, forward)
             try:
                 output = forward(*args, **kwargs)
             except BaseException:
@@ -190,16 +289,30 @@ class ModuleProbe:
 
         return hook
 
-    def _replay(self, name: str, session: CaptureSession) -> dict:
-        """slot -> the reference module's output on the target's inputs of this call."""
+    def _replay(self, name: str, session: CaptureSession) -> tuple[dict, tuple | None]:
+        """(slot -> the reference module's output on the target's inputs of this call, those inputs)."""
         ref_inputs = self._replay_inputs.pop() if self._replay_inputs else None
         if ref_inputs is None:
-            return {}
-        ref_out = session.quietly(session.replayer.run_module, name, ref_inputs)
+            return {}, None
+        ref_out = session.quietly(session.replayer.run_module, name, ref_inputs[0])
         if ref_out is None:
-            return {}
+            return {}, None
         ref_out = (ref_out,) if isinstance(ref_out, torch.Tensor) else ref_out
-        return dict(flatten_tensors(ref_out, "output"))
+        return dict(flatten_tensors(ref_out, "output")), ref_inputs
+
+    def _local_error(self, name: str, slot: str, tgt: torch.Tensor, ref: torch.Tensor, ref_inputs) -> dict | None:
+        """local_rel_l2 / local_max_abs; for a low-precision output over budget also the noise floor
+        (the reference module in the target's dtype on the same inputs)."""
+        local = local_error(tgt, ref)
+        if local is None:
+            return None
+        extra = {"local_rel_l2": local[0], "local_max_abs": local[1]}
+        budget = low_precision_budget(tgt)
+        if budget is not None and local[0] > budget and ref_inputs is not None:
+            floor = self.session.replayer.module_floor(name, ref_inputs[0], ref_inputs[1], tgt.dtype, ref, slot)
+            if floor is not None:
+                extra["local_floor_rel_l2"] = floor
+        return extra
 
     def _backward_hook(self, name: str):
         session = self.session

@@ -110,6 +110,8 @@ class CaptureSession:
         self.op_counts = defaultdict(int)      # scope -> ops so far
         self.scopes: list[tuple[str, str]] = []  # (module, scope) innermost last
         self.direction = "forward"
+        self.drilling = False                  # True while a module call is re-run at op level
+        self.error: dict | None = None         # where an exception left the model (innermost call, op)
         self.busy = False                      # True while we compute our own stats: not user ops
         self.records = 0
         self.last_record: dict | None = None

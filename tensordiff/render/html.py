@@ -9,7 +9,8 @@ import html
 import json
 import math
 
-from tensordiff.render.markdown import MODULE_COLUMNS, module_rows
+from tensordiff.render.markdown import (MODULE_COLUMNS, STATE_COLUMNS, load_rows, module_rows, state_rows_text,
+                                       state_summary_line)
 from tensordiff.render.text import fmt, headline
 
 _CSS = """
@@ -103,6 +104,14 @@ def render_html(result) -> str:
         body += ["<h2>Error per module</h2><p>local = the module's own error on the target's inputs; "
                  "amplification = output / input error. Click a header to sort.</p>",
                  _table(MODULE_COLUMNS, rows, [r[-1] for r in rows])]
+    body += ["<h2>State check (parameters and buffers)</h2>", f"<p>{_e(state_summary_line(result))}</p>"]
+    if result.state.rows:
+        body.append(_table(STATE_COLUMNS, state_rows_text(result)))
+    if result.load:
+        loaded = load_rows(result)
+        body.append(f"<h2>Checkpoint load ({_e(result.load.get('class'))})</h2>")
+        body.append(_table(("tensor", "name"), loaded) if loaded else
+                    "<p>every tensor of the model was in the checkpoint, and nothing else</p>")
     body += ["<h2>Counts</h2>", _table(("what", "number"), list(result.counts.items()))]
     if result.timing:
         body += ["<h2>Timing</h2>", _table(("what", "value"), [(k, fmt(v) if isinstance(v, float) else v)

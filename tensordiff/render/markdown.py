@@ -18,6 +18,45 @@ def module_rows(result, limit: int = 400):
              fmt(r["amplification"]), r["status"]] for r in mods.head(limit).to_dict("records")]
 
 
+STATE_COLUMNS = ("name", "status", "reference", "target", "rel_l2", "why")
+
+
+def state_rows_text(result) -> list[list[str]]:
+    return [[r["name"], r["status"], f"{r['ref_dtype'] or '-'} {r['ref_shape'] or ''}",
+             f"{r['tgt_dtype'] or '-'} {r['tgt_shape'] or ''}", fmt(r.get("rel_l2")), r.get("why", "")]
+            for r in result.state.rows]
+
+
+def state_summary_line(result) -> str:
+    state = result.state
+    if not state.compared:
+        return "state: not compared (a trace without its model's state)"
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(state.counts.items()))
+    cast = f"; parameters cast {state.usual_cast}" if state.usual_cast else ""
+    return f"state (parameters and buffers): {counts}{cast}; {len(state.rows)} difference(s) shown"
+
+
+def load_rows(result) -> list[list[str]]:
+    load = result.load or {}
+    return [[what, name] for what in ("missing", "unexpected", "mismatched") for name in load.get(what) or []]
+
+
+def state_section(result) -> list[str]:
+    out = ["", "## State check (parameters and buffers, reference vs target)", "", state_summary_line(result)]
+    rows = state_rows_text(result)
+    if rows:
+        out += ["", "| " + " | ".join(STATE_COLUMNS) + " |", "|" + "---|" * len(STATE_COLUMNS)]
+        out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows[:300]]
+    loaded = load_rows(result)
+    if result.load:
+        out += ["", f"## Checkpoint load ({_cell(result.load.get('class'))})", ""]
+        if loaded:
+            out += ["| tensor | name |", "|---|---|"] + [f"| {_cell(a)} | {_cell(b)} |" for a, b in loaded[:300]]
+        else:
+            out += ["every tensor of the model was in the checkpoint, and nothing else"]
+    return out
+
+
 def render_markdown(result) -> str:
     out = ["# tensordiff report", ""]
     out += [f"**{_cell(line)}**" if i == 0 else f"- {_cell(line)}" for i, line in enumerate(headline(result))]
@@ -29,6 +68,7 @@ def render_markdown(result) -> str:
                 "inputs; *amplification* = output / input error.", "",
                 "| " + " | ".join(MODULE_COLUMNS) + " |", "|" + "---|" * len(MODULE_COLUMNS)]
         out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    out += state_section(result)
     counts = result.counts
     out += ["", "## Counts", "", "| what | number |", "|---|---|"]
     out += [f"| {_cell(k)} | {_cell(v)} |" for k, v in counts.items()]

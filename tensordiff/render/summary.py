@@ -42,6 +42,7 @@ def summary_dict(result) -> dict:
         "culprit": result.culprit,
         "first_divergence": result.first_divergence,
         "first_nan": result.first_nan,
+        "rounding": result.rounding,
         "crash": result.crash,
         "tolerances": result.tolerances,
         "timing": result.timing,
@@ -50,6 +51,8 @@ def summary_dict(result) -> dict:
         "flips": result.flips,
         "unmatched": {k: v[:200] for k, v in result.unmatched.items()},
         "modules": modules,
+        "state": result.state.to_dict(),
+        "load": result.load,
         "records": records,
         "meta": {"reference": result.reference, "target": result.target, **result.meta},
     })

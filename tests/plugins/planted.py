@@ -63,3 +63,42 @@ def corrupt_expert_17(model):
     with torch.no_grad():
         experts.down_proj[17] *= 1.5
     return model
+
+
+def cast_inv_freq_bf16(model):
+    """An fp32 target whose only difference is the rotary buffer cast to bfloat16 (as model.to(bf16) does)."""
+    rotary = model.model.rotary_emb
+    rotary.inv_freq = rotary.inv_freq.to(torch.bfloat16)
+    return model
+
+
+def other_weights_in_layer1_mlp(model):
+    """A target that loaded other weights for one projection (a wrong checkpoint shard)."""
+    with torch.no_grad():
+        proj = model.model.layers[1].mlp.down_proj
+        proj.weight.copy_(torch.randn(proj.weight.shape, generator=torch.Generator().manual_seed(7)) * 0.02)
+    return model
+
+
+if not hasattr(torch.ops.tdtest, "unsupported"):
+    _lib.define("unsupported(Tensor x) -> Tensor")
+
+
+def _unsupported(x):
+    raise NotImplementedError('"unsupported_cpu" not implemented for this dtype')
+
+
+if not torch._C._dispatch_has_kernel_for_dispatch_key("tdtest::unsupported", "CPU"):
+    _lib.impl("unsupported", _unsupported, "CPU")
+
+
+def unsupported_op_in_layer0_mlp(model):
+    """A target whose down projection calls an op its runtime lacks (raises in the middle of a forward)."""
+    proj = model.model.layers[0].mlp.down_proj
+    inner = proj.forward
+
+    def forward(x):
+        return torch.ops.tdtest.unsupported(inner(x))
+
+    proj.forward = forward
+    return model

@@ -242,6 +242,17 @@ at::Tensor add(const at::Tensor& self, const at::Tensor& other, const at::Scalar
   return to_device(at::add(host_alias(self), other_host, alpha));
 }
 
+// Native histc for every dtype, as accelerator ports have it: transformers' grouped-mm MoE path counts
+// tokens per expert with histc on int32 whenever the device is not the CPU, and the CPU kernel (which
+// the boxed fallback would call) takes floating types only. Counted in float64 (exact for counts and
+// integer bin edges), returned in the input's dtype as CUDA does.
+at::Tensor histc(const at::Tensor& self, int64_t bins, const at::Scalar& min, const at::Scalar& max) {
+  count(g_native_counts, "aten::histc");
+  at::Tensor host = host_alias(self);
+  at::Tensor counts = at::histc(host.is_floating_point() ? host : host.to(at::kDouble), bins, min, max);
+  return to_device(counts.to(self.scalar_type()));
+}
+
 void echo_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack);
 
 at::Tensor& masked_fill_scalar(at::Tensor& self, const at::Tensor& mask, const at::Scalar& value) {
@@ -296,6 +307,7 @@ TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
   m.impl("addmm", addmm);
   m.impl("add.Tensor", add);
   m.impl("masked_fill_.Scalar", masked_fill_scalar);
+  m.impl("histc", histc);
 }
 
 TORCH_LIBRARY_IMPL(_, PrivateUse1, m) {

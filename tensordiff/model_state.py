@@ -1,0 +1,162 @@
+"""A model's state (every parameter and buffer, non-persistent ones too) as one file, and the check of
+a prepared model's state against the state it was prepared from.
+
+Reference, target and replay must start from bit-identical state, also across the process boundary
+of an isolated target: the parent writes the state once (safetensors, memory-mapped by the reader)
+and the child loads it into the model it built, instead of trusting that rebuilding gives the same
+numbers (a checkpoint with missing tensors is initialised at random in every process).
+
+    save_state(model, "run/state.safetensors")
+    load_state(other_model, "run/state.safetensors")           # bit-identical afterwards
+    rows = state_rows(prepared_model, base_tensors(model))      # what a backend changed
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tensordiff.errors import TensordiffError
+
+
+def named_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """name -> tensor of every parameter and buffer; a tied tensor appears under its first name."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t is not None:
+            out.setdefault(name, t)
+    return out
+
+
+def non_persistent_names(model: torch.nn.Module) -> set[str]:
+    names = set()
+    for mod_name, mod in model.named_modules():
+        for b in getattr(mod, "_non_persistent_buffers_set", ()):
+            names.add(f"{mod_name}.{b}" if mod_name else b)
+    return names
+
+
+def save_state(model: torch.nn.Module, path) -> None:
+    from safetensors.torch import save_file
+
+    tensors, seen = {}, {}
+    for name, t in named_state(model).items():
+        t = t.detach()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if key in seen:  # safetensors refuses shared memory; a tie is restored by load_state's names
+            continue
+        seen[key] = name
+        # a view into a larger storage (or a strided one) is written as its own contiguous copy
+        tensors[name] = t.contiguous() if t.is_contiguous() and t.untyped_storage().nbytes() == \
+            t.numel() * t.element_size() else t.clone(memory_format=torch.contiguous_format)
+    save_file(tensors, str(path))
+
+
+def load_state(model: torch.nn.Module, path) -> None:
+    """Copy the saved state into ``model`` (same names; tied tensors get the value of their first name)."""
+    from safetensors import safe_open
+
+    own = named_state(model)
+    with safe_open(str(path), framework="pt") as f:
+        saved = set(f.keys())
+        missing = [n for n in own if n not in saved and not _tied_to_saved(model, n, saved)]
+        if missing:
+            raise TensordiffError(f"{path}: the model built here has tensors the saved state lacks "
+                                  f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
+        with torch.no_grad():
+            for name, t in own.items():
+                if name in saved:
+                    value = f.get_tensor(name)
+                    if tuple(value.shape) != tuple(t.shape):
+                        raise TensordiffError(f"{path}: {name} has shape {tuple(value.shape)} there, "
+                                              f"{tuple(t.shape)} in the model built here")
+                    t.copy_(value)
+
+
+def _tied_to_saved(model, name: str, saved: set) -> bool:
+    """A tied tensor saved under another name (same object reachable through both)."""
+    target = named_state(model)[name]
+    return any(t is target for n, t in named_state(model).items() if n in saved and n != name)
+
+
+def save_inputs(inputs, path) -> None:
+    torch.save((inputs.args, inputs.kwargs), str(path))
+
+
+def load_inputs(path):
+    from tensordiff.models import Inputs
+
+    try:
+        args, kwargs = torch.load(str(path), weights_only=True)
+    except Exception as exc:
+        raise TensordiffError(f"{path}: cannot read the saved inputs: {type(exc).__name__}: {exc}") from None
+    return Inputs(tuple(args), dict(kwargs))
+
+
+def _common_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """The less precise of two float dtypes: where both sides can be compared exactly."""
+    if not (a.is_floating_point and b.is_floating_point):
+        return a if a == b else torch.float64
+    return a if torch.finfo(a).eps >= torch.finfo(b).eps else b
+
+
+def _read(t: torch.Tensor) -> torch.Tensor:
+    from tensordiff.probes.snapshot import read_back
+
+    return t.detach() if t.device.type == "cpu" else read_back(t).materialize()
+
+
+def compare_tensor(side: torch.Tensor, base: torch.Tensor) -> dict:
+    """Status of a prepared tensor against its base: same, cast (values equal after rounding to the
+    common dtype), value (beyond one unit of that rounding), shape."""
+    if tuple(side.shape) != tuple(base.shape):
+        return {"status": "shape", "rel_l2": None, "max_abs": None}
+    s, b = _read(side), _read(base)
+    common = _common_dtype(s.dtype, b.dtype)
+    sc, bc = s.to(common), b.to(common)
+    d = (sc.double() - bc.double()).abs()
+    if common.is_floating_point:
+        slack = torch.finfo(common).eps * bc.double().abs()  # one unit of the common dtype's rounding
+        both_nan = torch.isnan(sc) & torch.isnan(bc)
+        beyond = int(((d > slack) & ~both_nan).sum()) + int((torch.isnan(sc) ^ torch.isnan(bc)).sum())
+    else:
+        beyond = int((sc != bc).sum())
+    diff = (s.double() - b.double()) if s.is_floating_point() or s.is_complex() else d
+    norm = float(torch.linalg.vector_norm(b.double())) if b.numel() else 0.0
+    dn = float(torch.linalg.vector_norm(torch.nan_to_num(diff))) if diff.numel() else 0.0
+    status = "value" if beyond else ("same" if s.dtype == b.dtype and dn == 0 else "cast")
+    return {"status": status, "beyond_rounding": beyond, "rel_l2": dn / norm if norm else dn,
+            "max_abs": float(torch.nan_to_num(diff).abs().max()) if diff.numel() else 0.0}
+
+
+def state_rows(prepared: torch.nn.Module, base: dict[str, torch.Tensor],
+               non_persistent: set[str] | None = None) -> list[dict]:
+    """One row per tensor of the prepared model or the base: name, shape, dtype, device, status
+    (same / cast / value / shape / missing / extra) against the base, and the value error."""
+    own = named_state(prepared)
+    non_persistent = non_persistent if non_persistent is not None else non_persistent_names(prepared)
+    rows = []
+    for name, t in own.items():
+        row = {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
+               "device": str(t.device), "kind": "parameter" if isinstance(t, torch.nn.Parameter) else "buffer",
+               "persistent": name not in non_persistent}
+        if name in base:
+            row.update(compare_tensor(t, base[name]))
+            row["base_dtype"] = str(base[name].dtype).replace("torch.", "")
+        else:
+            row["status"] = "extra"
+        rows.append(row)
+    for name, t in base.items():
+        if name not in own:
+            rows.append({"name": name, "shape": list(t.shape), "dtype": None, "device": None,
+                         "base_dtype": str(t.dtype).replace("torch.", ""), "status": "missing"})
+    return rows
+
+
+def base_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: t.detach() for n, t in named_state(model).items()}
+
+
+def state_file_paths(out_dir) -> tuple[Path, Path]:
+    out = Path(out_dir)
+    return out / "state.safetensors", out / "inputs.pt"

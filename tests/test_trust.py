@@ -1,0 +1,116 @@
+"""Trust on inputs nobody here made: a checkpoint with a missing tensor, identical state across the
+process boundary, deployment-like low precision at realistic lengths, the state check."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tensordiff.model_state import load_state, named_state, save_state, state_rows
+from tensordiff.models import load_model
+from tensordiff.run import trace_job
+from tests.conftest import make_job
+
+PLUGINS = Path(__file__).parent / "plugins"
+
+
+def _checkpoint_missing_one_tensor(tmp_path, qwen) -> Path:
+    """A real on-disk checkpoint (safetensors + config) that lacks one randomly initialised weight."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "ckpt"
+    qwen.model.save_pretrained(ckpt)
+    weights = load_file(ckpt / "model.safetensors")
+    del weights["model.layers.0.mlp.down_proj.weight"]
+    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    return ckpt
+
+
+@pytest.mark.parametrize("target", ["cpu-bf16", "cpu-fp16"])
+def test_checkpoint_missing_tensor_isolated_low_precision_matches(tmp_path, qwen, target):
+    ckpt = _checkpoint_missing_one_tensor(tmp_path, qwen)
+    res = trace_job(make_job(tmp_path, model=str(ckpt), target=target, isolate=True)).result
+    assert res.verdict == "match", (res.culprit, res.first_divergence, res.notes)
+    assert res.load["missing"] == ["model.layers.0.mlp.down_proj.weight"]
+    assert res.load["class"] == "Qwen3ForCausalLM"
+    assert any("lacks 1 tensor" in n and "down_proj" in n for n in res.notes)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["load"]["missing"] == ["model.layers.0.mlp.down_proj.weight"]
+    assert "model.layers.0.mlp.down_proj.weight" in (tmp_path / "run" / "report.md").read_text()
+    # every parameter was cast the usual way, nothing else differs
+    assert summary["state"]["usual_cast"] == f"float32 -> {'bfloat16' if target == 'cpu-bf16' else 'float16'}"
+    assert summary["state"]["rows"] == []
+
+
+def test_encoder_checkpoint_loads_as_declared(tmp_path):
+    """A BertModel checkpoint is a BertModel (not a BertLMHeadModel with a random head), and gets the
+    token_type_ids and attention_mask its forward takes."""
+    import transformers
+
+    config = transformers.BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, max_position_embeddings=128)
+    config.architectures = ["BertModel"]
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    bundle = load_model(str(tmp_path / "bert"), seq_len=32)
+    assert type(bundle.model).__name__ == "BertModel"
+    assert bundle.info["load"]["missing"] == [] and bundle.info["load"]["unexpected"] == []
+    assert set(bundle.inputs.kwargs) == {"input_ids", "attention_mask", "token_type_ids"}
+    res = trace_job(make_job(tmp_path, model=str(tmp_path / "bert"), target="cpu-bf16", seq_len=32)).result
+    assert res.verdict == "match", res.culprit
+    with pytest.raises(Exception, match="max_position_embeddings"):
+        load_model(str(tmp_path / "bert"), seq_len=1024)
+
+
+def test_state_file_round_trip_is_bit_identical(tmp_path):
+    """A model with randomly initialised parts, rebuilt with another seed, gets the saved state back
+    bit for bit, non-persistent buffers included."""
+    a = load_model("qwen", seq_len=8, seed=0).model
+    b = load_model("qwen", seq_len=8, seed=1).model
+    with torch.no_grad():
+        a.model.rotary_emb.inv_freq.mul_(1.5)  # a non-persistent buffer that differs from a fresh build
+    assert not torch.equal(named_state(a)["lm_head.weight"], named_state(b)["lm_head.weight"])
+    save_state(a, tmp_path / "state.safetensors")
+    load_state(b, tmp_path / "state.safetensors")
+    for name, t in named_state(a).items():
+        assert torch.equal(t, named_state(b)[name]), name
+    assert all(r["status"] == "same" for r in state_rows(b, {n: t for n, t in named_state(a).items()}))
+
+
+def test_bf16_backend_keeps_rotary_buffer_fp32(qwen):
+    from tensordiff.backends import get_backend
+
+    model = get_backend("cpu-bf16")(qwen.model)
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+
+
+def test_cast_buffer_is_culprit_with_state_row(tmp_path):
+    res = trace_job(make_job(tmp_path, target=f"{PLUGINS}/planted.py:cast_inv_freq_bf16", seq_len=512)).result
+    assert res.verdict == "diverged"
+    assert res.culprit["module"] == "model.rotary_emb"
+    names = [r["name"] for r in res.culprit["state"]]
+    assert names == ["model.rotary_emb.inv_freq"]
+    row = res.state.rows[0]
+    assert (row["status"], row["ref_dtype"], row["tgt_dtype"]) == ("cast", "float32", "bfloat16")
+    assert len(res.state.rows) == 1
+    assert "inv_freq" in (tmp_path / "run" / "report.html").read_text()
+
+
+def test_other_weights_are_a_state_value_row_and_the_culprit(tmp_path):
+    """A target that loaded other weights for one projection: the state row says which tensor."""
+    res = trace_job(make_job(tmp_path, target=f"{PLUGINS}/planted.py:other_weights_in_layer1_mlp",
+                             isolate=False)).result
+    assert res.verdict == "diverged"
+    rows = {r["name"]: r for r in res.state.rows}
+    assert rows["model.layers.1.mlp.down_proj.weight"]["status"] == "value"
+    assert res.culprit["module"] == "model.layers.1.mlp.down_proj"
+
+
+def test_clean_bf16_qwen_shape_at_2048_tokens_matches(tmp_path):
+    """Deployment-like bf16 at a realistic length: rounding accumulates, no module makes its own error."""
+    res = trace_job(make_job(tmp_path, target="cpu-bf16", seq_len=2048, isolate=False)).result
+    assert res.verdict == "match", (res.culprit, res.first_divergence)
+    assert res.culprit is None
+    logits = res.table[res.table["key"] == "__root__/forward#0/output.logits"].iloc[0]
+    assert 1e-3 < logits["rel_l2"] < 6e-2
