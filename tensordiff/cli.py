@@ -22,9 +22,22 @@ EXIT_MATCH, EXIT_FOUND, EXIT_BAD_INPUT = 0, 1, 2
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"tensordiff {version('tensordiff')}")
+        raise typer.Exit(EXIT_MATCH)
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors.")):
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors."),
+          verbose: bool = typer.Option(False, "--verbose", "-v", help="Progress lines on stderr even "
+                                       "without a terminal (a terminal always gets a spinner)."),
+          version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                       help="Print the version and exit.")):
     _state["debug"] = debug
+    _state["verbose"] = verbose
 
 
 def _parse_tolerances(specs: list[str]) -> tuple:
@@ -65,7 +78,10 @@ def trace(
                                                 "cuda[-bf16|-fp16], file.py:NAME, or an installed entry point."),
     fault: str = typer.Option("none", help="echo_npu fault mode (see `tensordiff faults`)."),
     isolate: bool = typer.Option(True, help="Run the target in a child process (survives crashes)."),
-    reference: str = typer.Option("cpu", help="Reference backend."),
+    reference: Optional[str] = typer.Option(None, help="Reference backend (default: cpu; cuda for a cuda "
+                                                     "target, fp32 on the same GPU)."),
+    model_class: Optional[str] = typer.Option(None, help="transformers class to load a checkpoint with "
+                                              "(default: the class its config.json declares)."),
     out: Path = typer.Option(Path("runs/latest"), help="Output directory."),
     size: str = typer.Option("tiny", help="Built-in model size: tiny | small | 0.5b (Qwen3-0.6B shape)."),
     batch: int = typer.Option(1, help="Batch size of the generated inputs."),
@@ -90,15 +106,22 @@ def trace(
 ):
     """Capture the reference and the target, diff them, write traces and reports into --out."""
     from tensordiff.render.console import render_console
-    from tensordiff.run import TraceJob, trace_job
+    from tensordiff.run import TraceJob, default_reference, trace_job
 
-    job = TraceJob(model=model, target=target, reference=reference, out=str(out), size=size, batch=batch,
+    job = TraceJob(model=model, target=target, reference=reference or default_reference(target),
+                   model_class=model_class, out=str(out), size=size, batch=batch,
                    seq_len=seq_len, seed=seed, level=level, save=save, backward=backward,
                    module_filter=filter, attention_mask=attention_mask, atol=atol, rtol=rtol, fault=fault,
                    isolate=isolate, judge_fp64=_judge_mode(judge), per_pattern=_parse_tolerances(tol),
                    replay=replay)
-    outcome = trace_job(job)
-    render_console(outcome.result)
+    import time
+
+    from tensordiff import progress
+
+    start = time.perf_counter()
+    with progress.shown(verbose=_state.get("verbose", False)):
+        outcome = trace_job(job)
+    render_console(outcome.result, seconds=time.perf_counter() - start)
     typer.echo(f"wrote {out}/reference.h5, target.h5, summary.json, report.md, report.html")
     raise typer.Exit(_exit_for(outcome.result.verdict))
 
@@ -229,11 +252,18 @@ def main() -> None:
         sys.exit(EXIT_BAD_INPUT)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except (typer.BadParameter, __import__("click").exceptions.ClickException) as exc:
-        exc.show()
+    except Exception as exc:
+        if not _is_usage_error(exc):
+            raise
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        typer.echo(f"error: {' '.join(message.split()) or type(exc).__name__} (see tensordiff --help)", err=True)
         sys.exit(EXIT_BAD_INPUT)
-    except typer.Abort:
-        sys.exit(EXIT_BAD_INPUT)
+
+
+def _is_usage_error(exc: Exception) -> bool:
+    """Click's errors (unknown command or option, bad or missing value, abort), from click itself or
+    the copy typer vendors (typer._click): the user's mistake, said in one line."""
+    return any(cls.__module__.endswith("click.exceptions") for cls in type(exc).__mro__)
 
 
 if __name__ == "__main__":

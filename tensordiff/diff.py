@@ -38,6 +38,7 @@ class DiffResult:
     flips: list = field(default_factory=list)
     timing: dict = field(default_factory=dict)
     modules: pd.DataFrame = field(default_factory=pd.DataFrame)  # the amplification table
+    backward_modules: pd.DataFrame = field(default_factory=pd.DataFrame)  # the same, backward pass
     state: StateTable = field(default_factory=StateTable)  # parameters and buffers, ref vs tgt
     rounding: dict | None = None  # first record over budget when replay shows it is accumulated rounding
     load: dict | None = None  # what loading the checkpoint reported (missing / unexpected tensors)

@@ -25,26 +25,33 @@ AMPLIFY_RATIO = 1.1
 INCONSISTENT_RATIO = 10.0
 
 
-def _first_input_output(group: pd.DataFrame):
-    ins = group[group["slot"].str.startswith("input")]
-    outs = group[group["slot"].str.startswith("output")]
+# (input slot prefix, output slot prefix) per direction: a backward call takes the gradient of its
+# outputs and gives those of its inputs and parameters.
+SLOTS = {"forward": ("input", ("output",)), "backward": ("grad_output", ("grad_input", "param_grad"))}
+
+
+def _first_input_output(group: pd.DataFrame, direction: str = "forward"):
+    in_prefix, out_prefixes = SLOTS[direction]
+    ins = group[group["slot"].str.startswith(in_prefix)]
+    outs = group[group["slot"].str.startswith(out_prefixes)]
     # The main activation: first float input / output (token ids and masks carry no error).
     ins = ins[ins["tgt_dtype"].str.contains("float")]
     outs = outs[outs["tgt_dtype"].str.contains("float")]
     return (ins.iloc[0] if len(ins) else None), (outs.iloc[0] if len(outs) else None)
 
 
-def module_table(table: pd.DataFrame, tgt_index: pd.DataFrame) -> pd.DataFrame:
-    """One row per forward module call, in the order calls finished: input, local and output error."""
+def module_table(table: pd.DataFrame, tgt_index: pd.DataFrame, direction: str = "forward") -> pd.DataFrame:
+    """One row per module call of one direction, in the order calls finished: input, local and output
+    error. Backward: input = the gradient of the outputs, output = that of the inputs (or parameters)."""
     empty = pd.DataFrame(columns=["scope", "module", "input_err", "local_err", "output_err", "max_abs",
                                   "amplification", "status", "seq", "source"])
-    mods = table[(table["kind"] == "module") & (table["direction"] == "forward")] if not table.empty else table
+    mods = table[(table["kind"] == "module") & (table["direction"] == direction)] if not table.empty else table
     if mods.empty:
         return empty
-    local = _local_errors(tgt_index)
+    local = _local_errors(tgt_index, direction)
     rows = []
     for scope, group in mods.groupby("scope", sort=False):
-        inp, out = _first_input_output(group)
+        inp, out = _first_input_output(group, direction)
         if out is None:
             continue
         in_err = float(inp["rel_l2"]) if inp is not None else 0.0
@@ -82,14 +89,20 @@ def _floor(row) -> float | None:
     return None if v is None or v != v else float(v)
 
 
-def _local_errors(tgt_index: pd.DataFrame) -> dict:
-    """scope -> (local rel_l2, noise floor or None) of the module's first output, where replay ran."""
+def _local_errors(tgt_index: pd.DataFrame, direction: str = "forward") -> dict:
+    """scope -> (local rel_l2, noise floor or None), where replay ran: of the module's first output
+    (forward); the largest over its input and parameter gradients (backward)."""
     if "local_rel_l2" not in tgt_index.columns:
         return {}
-    rows = tgt_index[(tgt_index["kind"] == "module") & tgt_index["local_rel_l2"].notna()]
+    rows = tgt_index[(tgt_index["kind"] == "module") & (tgt_index["direction"] == direction)
+                     & tgt_index["local_rel_l2"].notna()]
     out: dict = {}
     for row in rows.to_dict("records"):
-        out.setdefault(row["scope"], (float(row["local_rel_l2"]), _floor(row)))
+        value = (float(row["local_rel_l2"]), _floor(row))
+        if direction == "forward":
+            out.setdefault(row["scope"], value)
+        elif row["scope"] not in out or value[0] > out[row["scope"]][0]:
+            out[row["scope"]] = value
     return out
 
 
@@ -153,6 +166,7 @@ def localize(result, ref, tgt) -> None:
     result.first_divergence = first_beyond(table)
     result.first_nan = first_nan(table)
     result.modules = module_table(table, tgt.index)
+    result.backward_modules = module_table(table, tgt.index, "backward")
     result.culprit = None
     if result.crash is not None:
         result.verdict = "crashed"
@@ -182,21 +196,24 @@ def localize(result, ref, tgt) -> None:
 
 
 def rounding_only(result, tgt) -> bool:
-    """Every record over budget is explained by replay: each module call over budget had its local
-    error measured and none is the call's own fault (local_beyond), nothing is inconsistent."""
+    """Every record over budget is explained by replay: each module call over budget (forward or
+    backward) had its local error measured and none is the call's own fault (local_beyond), nothing
+    is inconsistent, no op over budget has a local error of its own beyond."""
     index = tgt.index
     if "local_rel_l2" not in index.columns or not index["local_rel_l2"].notna().any():
         return False
     table = result.table
-    if bool((table["beyond"] & (table["direction"] != "forward")).any()):
-        return False
-    mods = result.modules
-    if mods.empty or mods["status"].isin(["introduces", "introduces?", "inconsistent"]).any():
-        return False
-    over = mods[mods["status"].isin(["carries", "amplifies", "rounding"])]
-    if over["local_err"].isna().any():
-        return False
-    # op records over budget without a local error of their own (not replayable) are carried values
+    for direction, mods in (("forward", result.modules), ("backward", result.backward_modules)):
+        if mods.empty:
+            continue
+        if mods["status"].isin(["introduces", "introduces?", "inconsistent"]).any():
+            return False
+        measured = set(_local_errors(index, direction))
+        over = table[(table["kind"] == "module") & (table["direction"] == direction) & table["beyond"]]
+        if not set(over["scope"]) <= measured:
+            return False
+    if table[(table["kind"] == "op") & table["beyond"] & (table["direction"] != "forward")].shape[0]:
+        return False  # autograd's ops have no replay of their own
     ops = table[(table["kind"] == "op") & table["beyond"]]
     return not any(local_beyond(r.get("local_rel_l2"), _floor(r), float(r["tol_rel_l2"]))
                    for r in ops.to_dict("records"))
@@ -251,7 +268,8 @@ def find_culprit(result, tgt) -> dict | None:
         return culprit
     mods = [r for r in beyond_local if r["kind"] == "module"]
     if not mods:
-        return _inconsistent_culprit(result) or _culprit_without_replay(result)
+        return (_inconsistent_culprit(result) or backward_culprit(result, tgt_index, table_tol)
+                or _culprit_without_replay(result))
     names = {r["module"] for r in mods}
     deepest = [r for r in mods if not any(_is_descendant(n, r["module"]) for n in names)]
     row = min(deepest, key=lambda r: r["seq"])
@@ -269,6 +287,33 @@ def _culprit(row: dict, local_err: float, why: str) -> dict:
     return {"key": row["key"], "module": row["module"], "scope": row["scope"],
             "op": row["op"] or None, "local_error": local_err, "source": row.get("source") or None,
             "why": why}
+
+
+def backward_culprit(result, tgt_index: pd.DataFrame, table_tol: dict) -> dict | None:
+    """A forward without fault, a backward with one: the deepest module whose backward, run by the
+    reference at the target's inputs with the target's grad_output, gives other input or parameter
+    gradients (the earliest in backward order among the deepest)."""
+    if "local_rel_l2" not in tgt_index.columns:
+        return None
+    bwd = tgt_index[(tgt_index["direction"] == "backward") & (tgt_index["kind"] == "module")
+                    & tgt_index["local_rel_l2"].notna()]
+    beyond = [r for r in bwd.to_dict("records")
+              if local_beyond(r["local_rel_l2"], _floor(r), _tol(r, table_tol, result.policy))]
+    if not beyond:
+        return None
+    names = {r["module"] for r in beyond}
+    deepest = [r for r in beyond if not any(_is_descendant(n, r["module"]) for n in names)]
+    row = min(deepest, key=lambda r: r["seq"])
+    if row["slot"].startswith("param_grad"):
+        why = (f"its gradient for {row.get('param') or row['slot']} is wrong: the reference backward at the "
+               "target's inputs and grad_output gives another one (the forward and its input gradient may "
+               "well be right)")
+    else:
+        why = ("its backward computes a wrong gradient: the reference backward at the target's inputs and "
+               f"grad_output gives another {row['slot']}")
+    culprit = _culprit(row, row["local_rel_l2"], why)
+    culprit["direction"] = "backward"
+    return culprit
 
 
 def _inconsistent_culprit(result) -> dict | None:

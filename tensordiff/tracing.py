@@ -92,7 +92,7 @@ def capture(model: torch.nn.Module, inputs, path, level: str = "module", save: s
     with TraceWriter(path, meta, compression=compression, synchronous=synchronous) as writer:
         from tensordiff.probes.replay import Replayer
 
-        replayer = Replayer(replay_model) if replay_model is not None else None
+        replayer = Replayer(replay_model, device=_device_of(replay_model)) if replay_model is not None else None
         session = CaptureSession(writer, save_data=(save == "full"), module_filter=module_filter,
                                  replayer=replayer, fast_gpu_stats=(level == "module"))
         with contextlib.ExitStack() as stack:
@@ -102,6 +102,8 @@ def capture(model: torch.nn.Module, inputs, path, level: str = "module", save: s
                 stack.enter_context(OpProbe(session))
             start = time.perf_counter()
             output = _forward_then_backward(model, inputs, backward, loss_fn, session)
+            if backward:
+                probe.emit_param_grads()
             session.flush_stats()
             _sync()
             seconds = time.perf_counter() - start
@@ -109,6 +111,12 @@ def capture(model: torch.nn.Module, inputs, path, level: str = "module", save: s
         writer.set_metadata(traced_seconds=seconds, replay=replayer is not None, drill_down=probe.drilled,
                             replay_failures=dict(list(replayer.failures.items())[:50]) if replayer else {})
     return CaptureResult(str(path), session.records, seconds, output)
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
 def _forward_then_backward(model, inputs, backward, loss_fn=default_loss, session=None):

@@ -39,8 +39,9 @@ def _load():
                   f"-py{sys.version_info[0]}{sys.version_info[1]}")
     out.mkdir(parents=True, exist_ok=True)
     if not any(out.glob("*.so")):
-        print(f"tensordiff: compiling the fast records extension into {out} (first use only, ~40 s)...",
-              file=sys.stderr, flush=True)
+        from tensordiff.progress import status
+
+        status(f"compiling the fast records extension into {out} (first use only, ~40 s)")
     try:
         _EXT[0] = load(name="tensordiff_fast_records", sources=[str(src)], build_directory=str(out),
                        extra_cflags=["-O2", "-DNDEBUG"], verbose=False)

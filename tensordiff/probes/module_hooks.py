@@ -71,6 +71,11 @@ class ModuleProbe:
         # re-run once with an op tracker so the crash report names the op, not just the module.
         self._keep_frames = self.drill_down or session._progress_fd is not None
         self._frames: list = []         # per open call: inputs and whether a descendant was beyond
+        # Backward replay: each call's reference inputs, kept for its backward (a stack per module:
+        # backward hooks fire in the reverse order of the forward calls), and the reference's
+        # parameter gradients summed over the calls of each module.
+        self._forward_inputs: dict = {}
+        self._ref_param_grads: dict = {}
         self.drilled: dict | None = None
         self._handles = []
         self._wrapped: list = []        # (module, its own instance-level forward or None)
@@ -294,6 +299,8 @@ class ModuleProbe:
         ref_inputs = self._replay_inputs.pop() if self._replay_inputs else None
         if ref_inputs is None:
             return {}, None
+        if self.backward:
+            self._forward_inputs.setdefault(name, []).append(ref_inputs)
         ref_out = session.quietly(session.replayer.run_module, name, ref_inputs[0])
         if ref_out is None:
             return {}, None
@@ -321,11 +328,52 @@ class ModuleProbe:
             call = session.next_call(name, "backward")
             for slot, t in flatten_tensors(grad_output, "grad_output"):
                 session.emit_module(name, "backward", call, slot, "", t)
+            local = session.quietly(self._backward_local, name, grad_input, grad_output) \
+                if session.replayer is not None else {}
             for slot, t in flatten_tensors(grad_input, "grad_input"):
-                session.emit_module(name, "backward", call, slot, "", t)
+                session.emit_module(name, "backward", call, slot, "", t, local.get(slot))
             return None
 
         return hook
+
+    def _backward_local(self, name: str, grad_input, grad_output) -> dict:
+        """slot -> local error of this backward call: the target's grad_input against the reference
+        module's vector-Jacobian product at the target's inputs and grad_output."""
+        saved = self._forward_inputs.get(name)
+        if not saved:
+            return {}
+        vjp = self.session.replayer.module_vjp(name, saved.pop()[0], grad_output)
+        if vjp is None:
+            return {}
+        arg_grads, param_grads = vjp
+        for attr, g in param_grads.items():
+            key = f"{name}.{attr}"
+            self._ref_param_grads[key] = g if key not in self._ref_param_grads else self._ref_param_grads[key] + g
+        out = {}
+        for i, (tgt, ref) in enumerate(zip(grad_input, arg_grads)):
+            if isinstance(tgt, torch.Tensor) and ref is not None:
+                local = local_error(tgt, ref)
+                if local is not None:
+                    out[f"grad_input.{i}"] = {"local_rel_l2": local[0], "local_max_abs": local[1]}
+        return out
+
+    def emit_param_grads(self) -> None:
+        """One record per parameter after the backward: ``OWNER/backward#0/param_grad.ATTR``, with the
+        local error of the owner's backward where the reference's gradient was replayed."""
+        session = self.session
+        for pname, param in self.model.named_parameters():
+            owner, _, attr = pname.rpartition(".")
+            owner = owner or ROOT
+            if param.grad is None or not session.wants_module(owner):
+                continue
+            extra = None
+            ref = self._ref_param_grads.get(pname if owner != ROOT else attr)
+            if ref is not None:
+                local = session.quietly(local_error, param.grad, ref)
+                if local is not None:
+                    extra = {"local_rel_l2": local[0], "local_max_abs": local[1], "param": pname}
+            session.emit_module(owner, "backward", 0, f"param_grad.{attr}", "", param.grad,
+                                extra or {"param": pname})
 
 
 def quiet_backward_hook_warnings():

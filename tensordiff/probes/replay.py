@@ -124,6 +124,35 @@ class Replayer:
             self.failures.setdefault(func.name(), f"{type(exc).__name__}: {exc}"[:200])
             return None
 
+    def module_vjp(self, name: str, ref_inputs, grad_output) -> tuple[list, dict] | None:
+        """The reference module's backward at the target's inputs with the target's grad_output:
+        (gradients for the module's positional tensor inputs, in grad_input order; {param attr:
+        gradient} of the module's own parameters). None where it cannot run."""
+        mod = self.modules.get(name)
+        if mod is None:
+            return None
+        args, kwargs = ref_inputs
+        args = tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                     for a in args)
+        params = [(n, p) for n, p in mod.named_parameters(recurse=False) if p.is_floating_point()]
+        try:
+            with torch.enable_grad():
+                outs = direct_tensors(mod(*args, **kwargs))
+                pairs = [(o, self._to_ref_tensor(g)) for o, g in zip(outs, grad_output)
+                         if isinstance(g, torch.Tensor) and o.requires_grad]
+                tensor_args = [a for a in args if isinstance(a, torch.Tensor)]
+                wants = [a for a in tensor_args if a.requires_grad] + [p for _, p in params]
+                if not pairs or not wants:
+                    return None
+                grads = torch.autograd.grad([o for o, _ in pairs], wants, [g.to(o.dtype) for o, g in pairs],
+                                            allow_unused=True)
+        except Exception as exc:
+            self.failures.setdefault(f"{name} (backward)", f"{type(exc).__name__}: {exc}"[:200])
+            return None
+        it = iter(grads)
+        arg_grads = [next(it) if a.requires_grad else None for a in tensor_args]
+        return arg_grads, {n: g for (n, _), g in zip(params, it) if g is not None}
+
     def _floor_modules(self, dtype: torch.dtype) -> dict:
         if dtype not in self._floor_models:
             import copy
@@ -156,6 +185,15 @@ class Replayer:
         outs = output_tensors(out) if out is not None else []
         err = local_error(outs[0], ref_out) if outs else None
         return err[0] if err else None
+
+
+def direct_tensors(obj) -> list:
+    """Tensors a full backward hook pairs with gradients: the object itself, or a tuple's elements."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [x for x in obj if isinstance(x, torch.Tensor)]
+    return []
 
 
 def dtypes_of(obj):

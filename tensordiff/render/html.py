@@ -104,6 +104,11 @@ def render_html(result) -> str:
         body += ["<h2>Error per module</h2><p>local = the module's own error on the target's inputs; "
                  "amplification = output / input error. Click a header to sort.</p>",
                  _table(MODULE_COLUMNS, rows, [r[-1] for r in rows])]
+    back = module_rows(result, limit=5000, direction="backward")
+    if back:
+        body += ["<h2>Error per module, backward pass</h2><p>input = the gradient a call receives, output = "
+                 "the gradients it gives (inputs, parameters), local = its own error: the reference backward "
+                 "at the target's inputs and grad_output.</p>", _table(MODULE_COLUMNS, back, [r[-1] for r in back])]
     body += ["<h2>State check (parameters and buffers)</h2>", f"<p>{_e(state_summary_line(result))}</p>"]
     if result.state.rows:
         body.append(_table(STATE_COLUMNS, state_rows_text(result)))

@@ -10,9 +10,9 @@ def _cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def module_rows(result, limit: int = 400):
-    mods = result.modules
-    if mods.empty:
+def module_rows(result, limit: int = 400, direction: str = "forward"):
+    mods = result.modules if direction == "forward" else result.backward_modules
+    if mods is None or mods.empty:
         return []
     return [[r["module"], fmt(r["input_err"]), fmt(r["local_err"]), fmt(r["output_err"]), fmt(r["max_abs"]),
              fmt(r["amplification"]), r["status"]] for r in mods.head(limit).to_dict("records")]
@@ -68,6 +68,14 @@ def render_markdown(result) -> str:
                 "inputs; *amplification* = output / input error.", "",
                 "| " + " | ".join(MODULE_COLUMNS) + " |", "|" + "---|" * len(MODULE_COLUMNS)]
         out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    back = module_rows(result, direction="backward")
+    if back:
+        out += ["", "## Error per module, backward pass (from the loss towards the inputs)", "",
+                "*input* = error of the gradient a call receives (grad_output), *output* = of the gradients "
+                "it gives (grad_input, parameter gradients), *local* = the call's own error: the reference "
+                "backward at the target's inputs and grad_output.", "",
+                "| " + " | ".join(MODULE_COLUMNS) + " |", "|" + "---|" * len(MODULE_COLUMNS)]
+        out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in back]
     out += state_section(result)
     counts = result.counts
     out += ["", "## Counts", "", "| what | number |", "|---|---|"]

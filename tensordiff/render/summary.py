@@ -36,6 +36,7 @@ def summary_dict(result) -> dict:
         cols = [c for c in RECORD_FIELDS if c in table.columns]
         records = table[cols].to_dict("records")
     modules = result.modules.to_dict("records") if not result.modules.empty else []
+    backward = result.backward_modules.to_dict("records") if not result.backward_modules.empty else []
     return _clean({
         "schema_version": SUMMARY_VERSION,
         "verdict": result.verdict,
@@ -51,6 +52,7 @@ def summary_dict(result) -> dict:
         "flips": result.flips,
         "unmatched": {k: v[:200] for k, v in result.unmatched.items()},
         "modules": modules,
+        "backward_modules": backward,
         "state": result.state.to_dict(),
         "load": result.load,
         "records": records,

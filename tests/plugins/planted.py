@@ -102,3 +102,46 @@ def unsupported_op_in_layer0_mlp(model):
 
     proj.forward = forward
     return model
+
+
+class _WrongSiluGrad(torch.autograd.Function):
+    """SiLU with an exact forward and a backward that forgets the sigmoid's derivative term."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.nn.functional.silu(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * torch.sigmoid(x)
+
+
+def wrong_backward_in_layer1_act(model):
+    """Layer 1's MLP activation: forward exact, input gradient wrong (a hand-written backward)."""
+    act = model.model.layers[1].mlp.act_fn
+    act.forward = lambda x: _WrongSiluGrad.apply(x)
+    return model
+
+
+class _WrongWeightGradLinear(torch.autograd.Function):
+    """y = x W^T with exact forward and input gradient, and a weight gradient 10% too large (a LoRA
+    kernel whose weight-gradient GEMM is wrong)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return x @ weight.t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_w = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        return grad @ weight, grad_w * 1.1
+
+
+def wrong_weight_grad_in_layer2_up_proj(model):
+    proj = model.model.layers[2].mlp.up_proj
+    proj.forward = lambda x: _WrongWeightGradLinear.apply(x, proj.weight)
+    return model

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from tensordiff.errors import TensordiffError
+from tensordiff.progress import status
 
 DEVICE = "echo_npu"
 FAULTS = {
@@ -48,8 +49,7 @@ def load_extension(verbose: bool = False):
     out = build_dir()
     cached = any(out.glob("*.so"))
     if not cached:
-        print(f"tensordiff: compiling the echo_npu device extension into {out} (first use only, ~40 s)...",
-              file=sys.stderr, flush=True)
+        status(f"compiling the echo_npu device extension into {out} (first use only, ~40-60 s)")
     start = time.perf_counter()
     try:
         ext = load(name="tensordiff_echo_npu", sources=[str(src)], build_directory=str(out),
@@ -57,7 +57,7 @@ def load_extension(verbose: bool = False):
     except (RuntimeError, OSError) as exc:
         raise TensordiffError(f"cannot build the echo_npu extension in {out}: {str(exc).splitlines()[-1]}") from None
     if not cached:
-        print(f"tensordiff: echo_npu built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        status(f"echo_npu built in {time.perf_counter() - start:.0f} s")
     torch.utils.rename_privateuse1_backend(DEVICE)
     torch._register_device_module(DEVICE, _device_module())
     torch.utils.generate_methods_for_privateuse1_backend()
