@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 from dataclasses import dataclass, field
@@ -76,7 +77,9 @@ def _token_inputs(vocab: int, batch: int, seq_len: int, seed: int, attention_mas
     return Inputs((), kwargs)
 
 
-def _qwen(moe: bool, size: str, seed: int, attn: str) -> torch.nn.Module:
+def _qwen(moe: bool, size: str, seed: int, attn: str, empty: bool = False) -> torch.nn.Module:
+    """A random Qwen3 / Qwen3-MoE. ``empty``: allocated but not initialised (its state is about to be
+    loaded, as in an isolated target's child): a 0.6B model's random init costs ~17 s of CPU."""
     import transformers
 
     table = QWEN_MOE_SIZES if moe else QWEN_SIZES
@@ -93,7 +96,27 @@ def _qwen(moe: bool, size: str, seed: int, attn: str) -> torch.nn.Module:
     config._attn_implementation = attn
     config.use_cache = False  # a KV cache would be mutated again by every replay of an attention call
     torch.manual_seed(seed)
-    return cls(config).eval()
+    if empty:
+        with torch.device("meta"):
+            model = cls(config)
+        return model.to_empty(device="cpu").eval()
+    with _without_default_init():
+        return cls(config).eval()
+
+
+@contextlib.contextmanager
+def _without_default_init():
+    """Skip torch's default Linear / Embedding init while a transformers model is built: its post_init
+    draws every weight again (normal, initializer_range), and the discarded kaiming draws were 8 of
+    the 16 s a 0.6B model took to build."""
+    saved = {cls: cls.reset_parameters for cls in (torch.nn.Linear, torch.nn.Embedding)}
+    for cls in saved:
+        cls.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        for cls, fn in saved.items():
+            cls.reset_parameters = fn
 
 
 _LOADED_FILES: dict = {}
@@ -223,11 +246,12 @@ def _checkpoint_inputs(model, batch: int, seq_len: int, seed: int, attention_mas
 
 def load_model(spec: str = "qwen", size: str = "tiny", batch: int = 1, seq_len: int = 128,
                seed: int = 0, attention_mask: bool = False, attn: str = "sdpa",
-               model_class: str | None = None) -> ModelBundle:
+               model_class: str | None = None, empty: bool = False) -> ModelBundle:
+    """``empty``: built-in models come allocated but uninitialised (the caller loads a saved state)."""
     if batch < 1 or seq_len < 1:
         raise TensordiffError(f"--batch and --seq-len must be positive (got {batch} x {seq_len})")
     if spec in ("qwen", "qwen-moe"):
-        model = _qwen(spec == "qwen-moe", size, seed, attn)
+        model = _qwen(spec == "qwen-moe", size, seed, attn, empty)
         inputs = _token_inputs(model.config.vocab_size, batch, seq_len, seed, attention_mask)
         return ModelBundle(model, inputs, spec, {"size": size, "config": model.config.to_diff_dict()})
     if ":" in spec and spec.rsplit(":", 1)[0].endswith(".py"):

@@ -33,7 +33,11 @@ def shown(tty: bool | None = None, verbose: bool = False):
         yield
         return
     if not tty:
-        _show = lambda text: print(f"tensordiff: {text}", file=sys.stderr, flush=True)  # noqa: E731
+        import time
+
+        start = time.perf_counter()
+        _show = lambda text: print(f"tensordiff [{time.perf_counter() - start:6.1f} s] {text}",  # noqa: E731
+                                   file=sys.stderr, flush=True)
         try:
             yield
         finally:

@@ -70,8 +70,10 @@ def _bundle(job: TraceJob, state_from: Path | None = None):
     """The model and inputs. With ``state_from`` (an isolated target's child), the parent's state and
     inputs replace what this process built: both sides start from bit-identical numbers."""
     bundle = load_model(job.model, size=job.size, batch=job.batch, seq_len=job.seq_len, seed=job.seed,
-                        attention_mask=job.attention_mask, model_class=job.model_class)
+                        attention_mask=job.attention_mask, model_class=job.model_class,
+                        empty=state_from is not None)
     if state_from is not None:
+        status("loading the reference's model state")
         state, inputs = state_file_paths(state_from)
         load_state(bundle.model, state)
         bundle.inputs = load_inputs(inputs)
@@ -84,6 +86,7 @@ def capture_role(job: TraceJob, role: str, bundle=None, crash_safe: bool = False
     backend = get_backend(job.reference) if role == "reference" else get_backend(job.target, job.fault)
     status(f"preparing the {role} ({backend.name})")
     model = backend(bundle.model)
+    status(f"checking the {role}'s parameters and buffers")
     state = state_rows(model, base_tensors(bundle.model))
     inputs = backend.inputs(bundle.inputs.clone())
     if backend.name == "echo_npu":
@@ -105,6 +108,7 @@ def capture_role(job: TraceJob, role: str, bundle=None, crash_safe: bool = False
 
         timing["echo_npu_ops"] = op_counts()
     if job.time_plain:
+        status(f"timing a plain run of the {role}")
         timing[f"{role}_plain_s"] = plain = time_plain_forward(model, inputs, job.backward)
         timing[f"{role}_overhead_x"] = result.seconds / plain if plain > 0 else None
     return timing
@@ -220,6 +224,7 @@ def trace_job(job: TraceJob) -> TraceOutcome:
     crash = None
     if job.isolate:
         state_path, inputs_path = state_file_paths(out_dir)
+        status("writing the model state for the target's process")
         save_state(bundle.model, state_path)
         save_inputs(bundle.inputs, inputs_path)
         status("starting the target in a child process")
@@ -240,6 +245,7 @@ def trace_job(job: TraceJob) -> TraceOutcome:
     status("comparing the traces")
     result = diff(out_dir / "reference.h5", out_dir / "target.h5", atol=job.atol, rtol=job.rtol,
                   rel_l2=job.rel_l2, per_pattern=job.per_pattern, timing=timing, crash=crash, **judge)
+    status("writing the reports")
     write_reports(result, out_dir)
     return TraceOutcome(out_dir, result)
 
