@@ -198,9 +198,10 @@ def _pretrained(spec: str, seed: int, attn: str, model_class: str | None = None)
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()  # its LOAD REPORT is ours to show (load_report)
+    cls = _model_class(None, model_class) if model_class else None  # a bad --model-class first
     try:
         config = transformers.AutoConfig.from_pretrained(spec, local_files_only=True)
-        cls = _model_class(config, model_class)
+        cls = cls or _model_class(config, None)
         torch.manual_seed(seed)  # whatever the checkpoint lacks is initialised the same way every run
         kwargs = dict(local_files_only=True, dtype=torch.float32, output_loading_info=True)
         try:

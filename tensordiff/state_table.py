@@ -50,8 +50,11 @@ def _pair_row(name: str, ref: dict | None, tgt: dict | None) -> dict:
         row["status"] = "missing"
     elif row["ref_shape"] != row["tgt_shape"] or tgt_status == "shape":
         row["status"] = "shape"
-    elif tgt_status == "value" and ref_status != "value":
+    elif (tgt_status == "value") != (ref_status == "value"):  # one side left the shared state
         row["status"] = "value"
+        if ref_status == "value":
+            row["rel_l2"], row["max_abs"] = ref.get("rel_l2"), ref.get("max_abs")
+            row["beyond_rounding"] = ref.get("beyond_rounding")
     elif row["ref_dtype"] != row["tgt_dtype"]:
         row["status"] = "cast"
     else:

@@ -26,6 +26,10 @@ def test_trace_exit_1_on_divergence_and_reports(bug_run):
     out, proc = bug_run
     assert proc.returncode == 1, proc.stderr
     assert "DIVERGED" in proc.stdout and "model.layers.1.self_attn" in proc.stdout
+    # short for a log: culprit, first divergence, the path to the output; the table is in the reports
+    assert "path to the output: model.layers.1.self_attn (introduces" in proc.stdout
+    assert len(proc.stdout.splitlines()) < 25 and "┃" not in proc.stdout
+    assert proc.stderr == ""  # no progress lines without a terminal unless --verbose
     summary = json.loads((out / "summary.json").read_text())
     assert summary["verdict"] == "diverged"
     assert summary["culprit"]["module"] == "model.layers.1.self_attn"
@@ -53,6 +57,11 @@ def test_diff_and_report_and_inspect(bug_run, tmp_path):
     (["trace", "--model", "no/such-local-model"], "no/such-local-model"),
     (["trace", "--level", "everything"], "everything"),
     (["diff", "a.h5", "b.h5", "--format", "pdf"], "pdf"),
+    (["trace", "--bogus"], "--bogus"),
+    (["nan-hunt-typo"], "nan-hunt-typo"),
+    (["trace", "--seq-len", "abc"], "--seq-len"),
+    (["diff", "only_one.h5"], "target"),
+    (["trace", "--model-class", "NoSuchModelClass", "--model", "."], "NoSuchModelClass"),
 ])
 def test_bad_input_one_line_exit_2(args, needle, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tensordiff", *args, *(["--out", str(tmp_path / "o")]
@@ -91,3 +100,13 @@ def test_no_replay_stats_only_still_localizes(tmp_path):
     assert summary["first_divergence"]["key"] == "model.layers.1.mlp/forward#0/output.0"
     assert summary["culprit"]["module"] == "model.layers.1.mlp" and summary["culprit"]["local_error"] is None
     assert "no replay" in summary["culprit"]["why"]
+
+
+def test_version_and_verbose_progress(tmp_path):
+    ver = run_cli("--version")
+    assert ver.returncode == 0 and ver.stdout.startswith("tensordiff ")
+    proc = run_cli("--verbose", "trace", "--model", "qwen", "--seq-len", "16", "--target", "cpu",
+                   "--out", str(tmp_path / "v"))
+    assert proc.returncode == 0, proc.stderr
+    assert "capturing the reference" in proc.stderr and "capturing the target" in proc.stderr
+    assert "MATCH" in proc.stdout and "compared" in proc.stdout and "worst rel L2" in proc.stdout

