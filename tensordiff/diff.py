@@ -73,6 +73,17 @@ class TolerancePolicy:
         return self.default or tolerance_for(tgt_dtype)
 
 
+def tolerance_policy(atol: float | None = None, rtol: float | None = None, rel_l2: float | None = None,
+                     per_pattern: tuple = ()) -> TolerancePolicy:
+    """The policy of --atol / --rtol / --rel-l2 / --tol; the capture judges local errors by it too."""
+    default = None
+    if atol is not None or rtol is not None or rel_l2 is not None:
+        base = tolerance_for("float32")
+        default = Tolerance(atol if atol is not None else base.atol, rtol if rtol is not None else base.rtol,
+                            rel_l2 if rel_l2 is not None else base.rel_l2)
+    return TolerancePolicy(default, tuple(per_pattern))
+
+
 def _metrics_from_stats(r: dict, t: dict) -> dict:
     """Lower bounds when only stats were saved: |l2_t - l2_r| <= ||t - r||."""
     l2r, l2t = r["l2"], t["l2"]
@@ -207,12 +218,8 @@ def diff(reference, target, atol: float | None = None, rtol: float | None = None
     instead of the plain tolerance: noise in the target's precision is not a divergence."""
     ref = reference if isinstance(reference, TraceReader) else open_trace(reference)
     tgt = target if isinstance(target, TraceReader) else open_trace(target)
-    default = None
-    if atol is not None or rtol is not None or rel_l2 is not None:
-        base = tolerance_for("float32")
-        default = Tolerance(atol if atol is not None else base.atol, rtol if rtol is not None else base.rtol,
-                            rel_l2 if rel_l2 is not None else base.rel_l2)
-    policy = TolerancePolicy(default, tuple(per_pattern))
+    policy = tolerance_policy(atol, rtol, rel_l2, per_pattern)
+    default = policy.default
     judge = None
     if fp64 is not None and floor is not None:
         judge = {"fp64": fp64 if isinstance(fp64, TraceReader) else open_trace(fp64),

@@ -44,6 +44,12 @@ class TraceJob:
     isolate: bool = True
     model_class: str | None = None
 
+    def __post_init__(self):
+        # through JSON (the isolated child's copy of the job) a Tolerance arrives as a dict
+        from tensordiff.metrics import Tolerance
+
+        self.per_pattern = tuple((p, Tolerance(**t) if isinstance(t, dict) else t) for p, t in self.per_pattern)
+
 
 @dataclass
 class TraceOutcome:
@@ -101,7 +107,7 @@ def capture_role(job: TraceJob, role: str, bundle=None, crash_safe: bool = False
     result = capture(model, inputs, Path(job.out) / f"{role}.h5", level=job.level, save=job.save,
                      backward=job.backward, module_filter=job.module_filter, metadata=meta,
                      replay_model=_replay_model(job, bundle.model) if (role == "target" and job.replay) else None,
-                     synchronous=crash_safe)
+                     synchronous=crash_safe, budget=_budget(job))
     timing = {f"{role}_traced_s": result.seconds}
     if backend.name == "echo_npu":  # the device's op counters, for the captured run alone
         from tensordiff.backends.echo_npu import op_counts
@@ -143,6 +149,14 @@ def _capture_isolated(job: TraceJob) -> tuple[dict, dict | None]:
     reason = (f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}")
     crash = {"reason": reason, "returncode": code, **_crash_place(progress), "stderr_tail": proc.stderr[-3000:]}
     return timing, crash
+
+
+def _budget(job: TraceJob):
+    """(record key, dtype) -> rel L2 budget under the job's tolerances (the capture decides with it)."""
+    from tensordiff.diff import tolerance_policy
+
+    policy = tolerance_policy(job.atol, job.rtol, job.rel_l2, job.per_pattern)
+    return lambda key, dtype: policy.for_record(key, dtype).rel_l2
 
 
 def _replay_model(job: TraceJob, model):

@@ -75,7 +75,8 @@ def run_metadata(extra: dict | None = None) -> dict:
 def capture(model: torch.nn.Module, inputs, path, level: str = "module", save: str = "full",
             backward: bool = False, module_filter: str | None = None, metadata: dict | None = None,
             loss_fn=default_loss, compression: str | None = None,
-            replay_model: torch.nn.Module | None = None, synchronous: bool = False) -> CaptureResult:
+            replay_model: torch.nn.Module | None = None, synchronous: bool = False,
+            budget=None) -> CaptureResult:
     """Run ``model`` on ``inputs`` once with probes on, writing the trace to ``path``.
 
     With ``replay_model`` (the fp32 CPU reference), every module call (and op, at op level) is also
@@ -92,7 +93,9 @@ def capture(model: torch.nn.Module, inputs, path, level: str = "module", save: s
     with TraceWriter(path, meta, compression=compression, synchronous=synchronous) as writer:
         from tensordiff.probes.replay import Replayer
 
-        replayer = Replayer(replay_model, device=_device_of(replay_model)) if replay_model is not None else None
+        replayer = None
+        if replay_model is not None:
+            replayer = Replayer(replay_model, device=_device_of(replay_model), **({"budget": budget} if budget else {}))
         session = CaptureSession(writer, save_data=(save == "full"), module_filter=module_filter,
                                  replayer=replayer, fast_gpu_stats=(level == "module"))
         with contextlib.ExitStack() as stack:

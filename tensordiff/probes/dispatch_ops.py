@@ -14,9 +14,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from tensordiff.metrics import tolerance_for
-from tensordiff.probes.replay import (dtypes_of, layout_experiment, local_error, low_precision_budget,
-                                      output_tensors, replayable)
+from tensordiff.probes.replay import (LOW_PRECISION, dtypes_of, layout_experiment, local_error, output_tensors,
+                                      replayable)
 from tensordiff.probes.session import CaptureSession, user_source_line
 
 # Ops whose only job is metadata or that tensordiff itself never needs to compare.
@@ -68,9 +67,9 @@ class OpProbe(TorchDispatchMode):
                 local = session.quietly(local_error, item, ref_out[i])
                 if local is not None:
                     rec["local_rel_l2"], rec["local_max_abs"] = local
-                    budget = tolerance_for(str(item.dtype).replace("torch.", "")).rel_l2
+                    budget = replayer.budget(rec["key"], item)
                     if i == 0 and local[0] > budget:
-                        if low_precision_budget(item) is not None:
+                        if item.dtype in LOW_PRECISION:
                             floor = session.quietly(replayer.op_floor, func, ref_in, dtypes, ref_out[0])
                             if floor is not None:
                                 rec["local_floor_rel_l2"] = floor

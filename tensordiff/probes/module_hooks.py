@@ -14,8 +14,8 @@ import warnings
 import torch
 
 from tensordiff.errors import TensordiffError
-from tensordiff.metrics import local_beyond, tolerance_for
-from tensordiff.probes.replay import dtypes_of, local_error, low_precision_budget
+from tensordiff.metrics import local_beyond
+from tensordiff.probes.replay import LOW_PRECISION, dtypes_of, local_error
 from tensordiff.probes.session import ROOT, CaptureSession, flatten_tensors, is_skipped_file, user_source_line
 
 
@@ -191,11 +191,12 @@ class ModuleProbe:
                 for slot, t in _named_tensors(_outputs(output), "output"):
                     extra = None
                     if slot in replayed:
-                        extra = session.quietly(self._local_error, name, slot, t, replayed[slot], ref_inputs)
+                        extra = session.quietly(self._local_error, name, f"{scope}/{slot}", slot, t,
+                                                replayed[slot], ref_inputs)
                         if not judged and extra and t.is_floating_point():  # the first float output
                             judged = True
                             own_fault = local_beyond(extra["local_rel_l2"], extra.get("local_floor_rel_l2"),
-                                                     tolerance_for(str(t.dtype).replace("torch.", "")).rel_l2)
+                                                     session.replayer.budget(f"{scope}/{slot}", t))
                     session.emit_module(name, "forward", call, slot, "", t, extra)
         if self._keep_frames:
             self._after_call(name, scope, own_fault)
@@ -307,16 +308,17 @@ class ModuleProbe:
         ref_out = (ref_out,) if isinstance(ref_out, torch.Tensor) else ref_out
         return dict(flatten_tensors(ref_out, "output")), ref_inputs
 
-    def _local_error(self, name: str, slot: str, tgt: torch.Tensor, ref: torch.Tensor, ref_inputs) -> dict | None:
+    def _local_error(self, name: str, key: str, slot: str, tgt: torch.Tensor, ref: torch.Tensor,
+                     ref_inputs) -> dict | None:
         """local_rel_l2 / local_max_abs; for a low-precision output over budget also the noise floor
         (the reference module in the target's dtype on the same inputs)."""
         local = local_error(tgt, ref)
         if local is None:
             return None
         extra = {"local_rel_l2": local[0], "local_max_abs": local[1]}
-        budget = low_precision_budget(tgt)
-        if budget is not None and local[0] > budget and ref_inputs is not None:
-            floor = self.session.replayer.module_floor(name, ref_inputs[0], ref_inputs[1], tgt.dtype, ref, slot)
+        replayer = self.session.replayer
+        if tgt.dtype in LOW_PRECISION and local[0] > replayer.budget(key, tgt) and ref_inputs is not None:
+            floor = replayer.module_floor(name, ref_inputs[0], ref_inputs[1], tgt.dtype, ref, slot)
             if floor is not None:
                 extra["local_floor_rel_l2"] = floor
         return extra

@@ -52,13 +52,10 @@ def local_error(tgt: torch.Tensor, ref: torch.Tensor) -> tuple[float, float] | N
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def low_precision_budget(t: torch.Tensor) -> float | None:
-    """The rel L2 budget of a low-precision output (None for other dtypes: no noise floor needed)."""
-    if t.dtype not in LOW_PRECISION:
-        return None
+def default_budget(key: str, dtype: str) -> float:
     from tensordiff.metrics import tolerance_for
 
-    return tolerance_for(str(t.dtype).replace("torch.", "")).rel_l2
+    return tolerance_for(dtype).rel_l2
 
 
 class Replayer:
@@ -71,13 +68,19 @@ class Replayer:
     FlashAttention's tests judge the same way: error <= 2 x that of the same-dtype reference)."""
 
     def __init__(self, reference_model: torch.nn.Module, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", budget=default_budget):
         self.model = reference_model
         self.modules = {(name or ROOT): mod for name, mod in reference_model.named_modules()}
         self.dtype = dtype
         self.device = torch.device(device)
         self.failures: dict[str, str] = {}  # module or op -> why its replay could not run
         self._floor_models: dict = {}       # low dtype -> {name: module} of a deployment-cast copy
+        # (record key, dtype name) -> rel L2 budget: the diff's tolerance policy (--tol included), so
+        # the capture's decisions (noise floor, drill-down) agree with the verdict
+        self._budget = budget
+
+    def budget(self, key: str, t: torch.Tensor) -> float:
+        return self._budget(key, str(t.dtype).replace("torch.", ""))
 
     def _to_ref_tensor(self, t: torch.Tensor) -> torch.Tensor:
         if t.device.type == self.device.type == "cuda":

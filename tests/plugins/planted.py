@@ -145,3 +145,19 @@ def wrong_weight_grad_in_layer2_up_proj(model):
     proj = model.model.layers[2].mlp.up_proj
     proj.forward = lambda x: _WrongWeightGradLinear.apply(x, proj.weight)
     return model
+
+
+def bf16_with_scaled_layer1_attention(model):
+    """A bf16 deployment whose layer-1 attention output is 3% too large."""
+    from tensordiff.backends.registry import cast_like_deployment
+
+    model = scale_layer1_attention(cast_like_deployment(model, torch.bfloat16))
+    attn = model.model.layers[1].self_attn
+    inner = attn.forward
+
+    def forward(*args, **kwargs):
+        out, weights = inner(*args, **kwargs)
+        return out * (1.03 / 1.01), weights
+
+    attn.forward = forward
+    return model
