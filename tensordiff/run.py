@@ -193,6 +193,24 @@ def _relay_status(child, progress: Path) -> None:
         time.sleep(0.2)
 
 
+def _capture_in_process(job: TraceJob, bundle) -> tuple[dict, dict | None]:
+    """--no-isolate: a Python exception in the target is a crash report too, not a traceback."""
+    import traceback
+
+    from tensordiff.errors import TensordiffError
+
+    try:
+        return capture_role(job, "target", bundle), None
+    except TensordiffError:
+        raise
+    except Exception as exc:
+        place = getattr(exc, "tensordiff_place", None) or {}
+        scope, op = place.get("scope", ""), place.get("op")
+        return {}, {"reason": f"raised {type(exc).__name__}: {exc}"[:300], "returncode": None,
+                    "last_key": f"{scope} / {op}" if op else scope, "last_source": place.get("source", ""),
+                    "module": place.get("module"), "op": op, "stderr_tail": traceback.format_exc()[-3000:]}
+
+
 def _crash_place(progress: Path) -> dict:
     """Where the child was: the innermost module call an exception left and the op that raised (an
     ``error`` breadcrumb), else the last call or op started (a signal gives no chance to say more)."""
@@ -248,7 +266,7 @@ def trace_job(job: TraceJob) -> TraceOutcome:
             state_path.unlink(missing_ok=True)
             inputs_path.unlink(missing_ok=True)
     else:
-        target_timing = capture_role(job, "target", bundle)
+        target_timing, crash = _capture_in_process(job, bundle)
     timing.update(target_timing)
     if crash is not None and not (out_dir / "target.h5").exists():
         from tensordiff.errors import TensordiffError

@@ -104,7 +104,11 @@ def capture(model: torch.nn.Module, inputs, path, level: str = "module", save: s
             if level in ("op", "both"):
                 stack.enter_context(OpProbe(session))
             start = time.perf_counter()
-            output = _forward_then_backward(model, inputs, backward, loss_fn, session)
+            try:
+                output = _forward_then_backward(model, inputs, backward, loss_fn, session)
+            except Exception as exc:  # where it happened travels with it (innermost call, op)
+                exc.tensordiff_place = session.error
+                raise
             if backward:
                 probe.emit_param_grads()
             session.flush_stats()

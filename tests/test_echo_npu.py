@@ -177,3 +177,14 @@ def test_readme_main_command_names_the_op_of_each_fault(tmp_path, fault, op):
     assert any(n.startswith("drill-down: model.layers.0.self_attn/forward#0") for n in res.notes)
     if fault == "noncontig-copy":
         assert res.culprit["layout_experiment"].startswith("correct when its strided inputs are made contiguous")
+
+
+def test_exception_in_process_target_is_a_crash_report_too(tmp_path):
+    from pathlib import Path
+
+    plugin = Path(__file__).parent / "plugins" / "planted.py"
+    res = trace_job(make_job(tmp_path, target=f"{plugin}:unsupported_op_in_layer0_mlp", isolate=False)).result
+    assert res.verdict == "crashed"
+    assert res.crash["reason"].startswith("raised NotImplementedError")
+    assert res.crash["last_key"] == "model.layers.0.mlp.down_proj/forward#0 / tdtest::unsupported"
+    assert not res.meta["target_complete"] and res.counts["matched"] > 10  # what came before is compared

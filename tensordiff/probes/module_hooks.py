@@ -134,8 +134,9 @@ class ModuleProbe:
             session.scopes.append((name, scope))
             return call, False, scope
         if self._keep_frames:
+            # version counters only where a drill-down may re-run the call (they cost a tree walk)
             self._frames.append({"forward": forward, "args": args, "kwargs": kwargs, "below": False,
-                                 "versions": _versions((args, kwargs))})
+                                 "versions": _versions((args, kwargs)) if self.drill_down else None})
         # with the C++ wrappers some calls never touch session.scopes: the recorder keeps the depth
         is_root = session._rec.enter() if session._rec is not None else not session.scopes
         scope = f"{name}/forward#{call}"
@@ -237,8 +238,7 @@ class ModuleProbe:
 
         session = self.session
         session.error = {"module": name, "scope": scope, "op": None, "source": ""}
-        if frame is not None and frame["forward"] is not None and \
-                _versions((frame["args"], frame["kwargs"])) == frame["versions"]:
+        if frame is not None and frame["forward"] is not None:  # it raised: re-running is harmless
             tracker = LastOpTracker()
             if self._rerun(name, scope, frame, tracker):  # it raised again: the last op is the one
                 session.error.update(op=tracker.op, source=tracker.source)
