@@ -49,6 +49,7 @@ def module_table(table: pd.DataFrame, tgt_index: pd.DataFrame, direction: str = 
     if mods.empty:
         return empty
     local = _local_errors(tgt_index, direction)
+    names = set(mods["module"])
     rows = []
     for scope, group in mods.groupby("scope", sort=False):
         inp, out = _first_input_output(group, direction)
@@ -65,8 +66,10 @@ def module_table(table: pd.DataFrame, tgt_index: pd.DataFrame, direction: str = 
             status = "introduces"
         elif loc is not None and loc > tol:
             status = "rounding"  # over budget, but no more than the reference code makes in this dtype
-        elif (loc is not None and in_err <= tol and out_err > tol
+        elif (loc is not None and in_err <= tol and out_err > tol and _is_leaf(out["module"], names)
               and out_err > INCONSISTENT_RATIO * (in_err + loc)):
+            # a leaf: nothing but its input, its own code and its state make its output (a composite's
+            # local error is that of its own code; its children's errors reach its output too)
             status = "inconsistent"
         elif out_err > tol and in_err > tol and amp > AMPLIFY_RATIO:
             status = "amplifies"
@@ -82,6 +85,10 @@ def module_table(table: pd.DataFrame, tgt_index: pd.DataFrame, direction: str = 
                      else math.nan, "amplification": amp, "status": status, "seq": int(out["seq"]),
                      "source": out.get("source", "")})
     return pd.DataFrame(rows).sort_values("seq").reset_index(drop=True) if rows else empty
+
+
+def _is_leaf(module: str, names: set) -> bool:
+    return not any(_is_descendant(n, module) for n in names)
 
 
 def _floor(row) -> float | None:

@@ -76,6 +76,8 @@ class ModuleProbe:
         # parameter gradients summed over the calls of each module.
         self._forward_inputs: dict = {}
         self._ref_param_grads: dict = {}
+        # Own-code replay (probes/own_code.py): per open call, its children's calls so far
+        self._child_calls: list = []
         self.drilled: dict | None = None
         self._handles = []
         self._wrapped: list = []        # (module, its own instance-level forward or None)
@@ -133,6 +135,8 @@ class ModuleProbe:
             scope = f"{name}/forward#{call}"
             session.scopes.append((name, scope))
             return call, False, scope
+        if session.replayer is not None:
+            self._child_calls.append([])
         if self._keep_frames:
             # version counters only where a drill-down may re-run the call (they cost a tree walk)
             self._frames.append({"forward": forward, "args": args, "kwargs": kwargs, "below": False,
@@ -176,7 +180,8 @@ class ModuleProbe:
             session._rec.leave()
         if session._progress_fd is not None:
             session.progress(f"{session.current_scope()[1]} (after {scope})")
-        own_fault = False
+        own_fault, ref_inputs = False, None
+        children = self._child_calls.pop() if session.replayer is not None and self._child_calls else None
         if failed and wanted and session.replayer is not None and self._replay_inputs:
             self._replay_inputs.pop()
         if failed and session.error is None:  # the innermost call the exception leaves
@@ -187,18 +192,21 @@ class ModuleProbe:
             elif isinstance(output, torch.Tensor) and session.replayer is None:  # the common case
                 session.emit_module(name, "forward", call, "output.0", "", output)
             else:
-                replayed, ref_inputs = self._replay(name, session) if session.replayer is not None else ({}, None)
+                replayed, ref_inputs, feed = self._replay(name, session, children) \
+                    if session.replayer is not None else ({}, None, None)
                 judged = False
                 for slot, t in _named_tensors(_outputs(output), "output"):
                     extra = None
                     if slot in replayed:
                         extra = session.quietly(self._local_error, name, f"{scope}/{slot}", slot, t,
-                                                replayed[slot], ref_inputs)
+                                                replayed[slot], ref_inputs, children, feed)
                         if not judged and extra and t.is_floating_point():  # the first float output
                             judged = True
                             own_fault = local_beyond(extra["local_rel_l2"], extra.get("local_floor_rel_l2"),
                                                      session.replayer.budget(f"{scope}/{slot}", t))
                     session.emit_module(name, "forward", call, slot, "", t, extra)
+        if children is not None and not failed and self._child_calls:  # the parent's replay answers with it
+            self._child_calls[-1].append(session.quietly(self._child_call, name, output, ref_inputs))
         if self._keep_frames:
             self._after_call(name, scope, own_fault)
         if is_root:
@@ -295,30 +303,40 @@ class ModuleProbe:
 
         return hook
 
-    def _replay(self, name: str, session: CaptureSession) -> tuple[dict, tuple | None]:
-        """(slot -> the reference module's output on the target's inputs of this call, those inputs)."""
+    def _child_call(self, name: str, output, ref_inputs):
+        from tensordiff.probes.own_code import ChildCall
+
+        inputs = ref_inputs[0] if ref_inputs is not None else None
+        return ChildCall(name, inputs, self.session.replayer.to_reference(output), dtypes_of(output))
+
+    def _replay(self, name: str, session: CaptureSession, children) -> tuple[dict, tuple | None, float | None]:
+        """(slot -> the reference's output of this call on the target's inputs, those inputs, the feed
+        error of its own code or None)."""
         ref_inputs = self._replay_inputs.pop() if self._replay_inputs else None
         if ref_inputs is None:
-            return {}, None
+            return {}, None, None
         if self.backward:
             self._forward_inputs.setdefault(name, []).append(ref_inputs)
-        ref_out = session.quietly(session.replayer.run_module, name, ref_inputs[0])
+        ref_out, feed = session.quietly(session.replayer.run_call, name, ref_inputs[0], children)
         if ref_out is None:
-            return {}, None
+            return {}, None, None
         ref_out = (ref_out,) if isinstance(ref_out, torch.Tensor) else ref_out
-        return dict(flatten_tensors(ref_out, "output")), ref_inputs
+        return dict(flatten_tensors(ref_out, "output")), ref_inputs, feed
 
     def _local_error(self, name: str, key: str, slot: str, tgt: torch.Tensor, ref: torch.Tensor,
-                     ref_inputs) -> dict | None:
-        """local_rel_l2 / local_max_abs; for a low-precision output over budget also the noise floor
-        (the reference module in the target's dtype on the same inputs)."""
+                     ref_inputs, children=None, feed: float | None = None) -> dict | None:
+        """local_rel_l2 (the larger of the output's error and the feed error of the call's own code) /
+        local_max_abs; for a low-precision output over budget also the noise floor (the reference
+        module in the target's dtype on the same inputs, children answering alike)."""
         local = local_error(tgt, ref)
         if local is None:
             return None
-        extra = {"local_rel_l2": local[0], "local_max_abs": local[1]}
+        extra = {"local_rel_l2": max(local[0], feed or 0.0), "local_max_abs": local[1]}
+        if feed:
+            extra["local_feed_rel_l2"] = feed
         replayer = self.session.replayer
-        if tgt.dtype in LOW_PRECISION and local[0] > replayer.budget(key, tgt) and ref_inputs is not None:
-            floor = replayer.module_floor(name, ref_inputs[0], ref_inputs[1], tgt.dtype, ref, slot)
+        if tgt.dtype in LOW_PRECISION and extra["local_rel_l2"] > replayer.budget(key, tgt) and ref_inputs is not None:
+            floor = replayer.module_floor(name, ref_inputs[0], ref_inputs[1], tgt.dtype, ref, slot, children)
             if floor is not None:
                 extra["local_floor_rel_l2"] = floor
         return extra

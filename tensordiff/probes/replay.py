@@ -119,6 +119,27 @@ class Replayer:
             self.failures.setdefault(name, f"{type(exc).__name__}: {exc}"[:200])
             return None
 
+    def run_call(self, name: str, ref_inputs, children: list | None, dtype: torch.dtype | None = None):
+        """(output, feed error) of one call replayed: its own code with the children answering from
+        ``children`` (probes/own_code.py), or, where the reference calls them otherwise, in full
+        (feed error None). ``dtype``: on the noise-floor copy in that low dtype, the children's
+        answers handed over in the target's own dtypes."""
+        from tensordiff.probes.own_code import ChildMismatch, run_own_code
+
+        modules = self._floor_modules(dtype) if dtype is not None else self.modules
+        mod = modules.get(name)
+        args_kwargs = ref_inputs if dtype is None else self.in_target_dtypes(*ref_inputs)
+        if mod is not None and children:
+            answer = None if dtype is None else (lambda call: self.in_target_dtypes(call.output, call.dtypes))
+            try:
+                return run_own_code(mod, modules, args_kwargs, children, answer)
+            except ChildMismatch:
+                pass
+            except Exception as exc:
+                self.failures.setdefault(name, f"{type(exc).__name__}: {exc}"[:200])
+                return None, None
+        return self.run_module(name, args_kwargs, modules), None
+
     def run_op(self, func, ref_inputs):
         args, kwargs = ref_inputs
         try:
@@ -173,15 +194,16 @@ class Replayer:
                         and x.dtype != d else x, ref_inputs, dtypes)
 
     def module_floor(self, name: str, ref_inputs, dtypes, dtype: torch.dtype, ref_out: torch.Tensor,
-                     slot: str) -> float | None:
-        """rel L2 of the reference module run in ``dtype`` on the target's inputs, against its fp32 run."""
-        out = self.run_module(name, self.in_target_dtypes(ref_inputs, dtypes), self._floor_modules(dtype))
+                     slot: str, children: list | None = None) -> float | None:
+        """rel L2 of the reference module run in ``dtype`` on the target's inputs (children answering
+        as in the fp32 replay), against its fp32 run; a feed error of that run counts too."""
+        out, feed = self.run_call(name, (ref_inputs, dtypes), children, dtype)
         if out is None:
             return None
         out = (out,) if isinstance(out, torch.Tensor) else out
         low = dict(flatten_tensors(out, "output")).get(slot)
         err = local_error(low, ref_out) if isinstance(low, torch.Tensor) else None
-        return err[0] if err else None
+        return max(err[0], feed or 0.0) if err else None
 
     def op_floor(self, func, ref_inputs, dtypes, ref_out: torch.Tensor) -> float | None:
         out = self.run_op(func, self.in_target_dtypes(ref_inputs, dtypes))
