@@ -195,8 +195,8 @@ def localize(result, ref, tgt) -> None:
         worst = table[table["direction"] == "forward"]["rel_l2"].max()
         result.notes.append(
             f"output error exceeds its budget from {d['key']} on (rel L2 up to {worst:.3g}), yet no module or op "
-            "makes an error of its own beyond its dtype's tolerance or noise floor: rounding accumulated "
-            "through the network, not a bug")
+            "makes an error of its own beyond its tolerance or noise floor: errors each call may make "
+            "(rounding) accumulated through the network, not a bug")
         result.rounding = d
         result.first_divergence = None
         result.verdict = "match" if ref.complete and tgt.complete else "incomplete"

@@ -147,7 +147,7 @@ def test_tight_budget_rounding_is_explained_by_the_noise_floor(tmp_path):
     tight = (("*", __import__("tensordiff.metrics", fromlist=["Tolerance"]).Tolerance(1e-5, 1.6e-2, 2e-3)),)
     res = trace_job(make_job(tmp_path, target="cpu-bf16", seq_len=512, per_pattern=tight)).result
     assert res.verdict == "match", (res.culprit, res.first_divergence)
-    assert res.rounding is not None and any("rounding accumulated" in n for n in res.notes)
+    assert res.rounding is not None and any("accumulated through the network" in n for n in res.notes)
     over = res.modules[res.modules["status"] == "rounding"]
     assert len(over) > 10 and over["local_floor"].notna().all()
     assert (over["local_err"] <= 2 * over["local_floor"] + 2e-4).all()
