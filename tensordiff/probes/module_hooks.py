@@ -33,6 +33,13 @@ def _versions(obj) -> list:
     return out
 
 
+def _accumulate(sums: dict, module: str, grads: dict) -> None:
+    """Add one call's parameter gradients (attr -> tensor) into per-parameter sums."""
+    for attr, g in grads.items():
+        key = f"{module}.{attr}"
+        sums[key] = g if key not in sums else sums[key] + g
+
+
 def _outputs(output):
     return (output,) if isinstance(output, torch.Tensor) else output
 
@@ -76,6 +83,7 @@ class ModuleProbe:
         # parameter gradients summed over the calls of each module.
         self._forward_inputs: dict = {}
         self._ref_param_grads: dict = {}
+        self._floor_param_grads: dict = {}  # the same from the noise-floor copy (low-precision targets)
         # Own-code replay (probes/own_code.py): per open call, its children's calls so far
         self._child_calls: list = []
         self.drilled: dict | None = None
@@ -362,19 +370,25 @@ class ModuleProbe:
         saved = self._forward_inputs.get(name)
         if not saved:
             return {}
-        vjp = self.session.replayer.module_vjp(name, saved.pop()[0], grad_output)
+        replayer = self.session.replayer
+        ref_inputs, dtypes = saved.pop()
+        vjp = replayer.module_vjp(name, ref_inputs, grad_output)
         if vjp is None:
             return {}
-        arg_grads, param_grads = vjp
-        for attr, g in param_grads.items():
-            key = f"{name}.{attr}"
-            self._ref_param_grads[key] = g if key not in self._ref_param_grads else self._ref_param_grads[key] + g
+        low = next((g.dtype for g in grad_output if isinstance(g, torch.Tensor) and g.dtype in LOW_PRECISION), None)
+        floor = replayer.module_vjp(name, ref_inputs, grad_output, (dtypes, low)) if low is not None else None
+        _accumulate(self._ref_param_grads, name, vjp[1])
+        if floor is not None:
+            _accumulate(self._floor_param_grads, name, floor[1])
         out = {}
-        for i, (tgt, ref) in enumerate(zip(grad_input, arg_grads)):
+        for i, (tgt, ref) in enumerate(zip(grad_input, vjp[0])):
             if isinstance(tgt, torch.Tensor) and ref is not None:
                 local = local_error(tgt, ref)
                 if local is not None:
                     out[f"grad_input.{i}"] = {"local_rel_l2": local[0], "local_max_abs": local[1]}
+                    low_grad = floor[0][i] if floor is not None and i < len(floor[0]) else None
+                    if low_grad is not None:
+                        out[f"grad_input.{i}"]["local_floor_rel_l2"] = (local_error(low_grad, ref) or (None,))[0]
         return out
 
     def emit_param_grads(self) -> None:
@@ -392,6 +406,9 @@ class ModuleProbe:
                 local = session.quietly(local_error, param.grad, ref)
                 if local is not None:
                     extra = {"local_rel_l2": local[0], "local_max_abs": local[1], "param": pname}
+                    low = self._floor_param_grads.get(pname if owner != ROOT else attr)
+                    if low is not None:
+                        extra["local_floor_rel_l2"] = (session.quietly(local_error, low, ref) or (None,))[0]
             session.emit_module(owner, "backward", 0, f"param_grad.{attr}", "", param.grad,
                                 extra or {"param": pname})
 

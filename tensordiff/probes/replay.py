@@ -152,11 +152,17 @@ class Replayer:
             self.failures.setdefault(func.name(), f"{type(exc).__name__}: {exc}"[:200])
             return None
 
-    def module_vjp(self, name: str, ref_inputs, grad_output) -> tuple[list, dict] | None:
+    def module_vjp(self, name: str, ref_inputs, grad_output, floor: tuple | None = None) -> tuple[list, dict] | None:
         """The reference module's backward at the target's inputs with the target's grad_output:
         (gradients for the module's positional tensor inputs, in grad_input order; {param attr:
-        gradient} of the module's own parameters). None where it cannot run."""
-        mod = self.modules.get(name)
+        gradient} of the module's own parameters). None where it cannot run. ``floor`` = (input
+        dtypes, low dtype): the same on the noise-floor copy, inputs and grad_output in the target's
+        dtypes (a composite's backward holds its whole subtree's rounding)."""
+        modules = self.modules
+        if floor is not None:
+            modules = self._floor_modules(floor[1])
+            ref_inputs = self.in_target_dtypes(ref_inputs, floor[0])
+        mod = modules.get(name)
         if mod is None:
             return None
         args, kwargs = ref_inputs
@@ -168,6 +174,9 @@ class Replayer:
                 outs = direct_tensors(mod(*args, **kwargs))
                 pairs = [(o, self._to_ref_tensor(g)) for o, g in zip(outs, grad_output)
                          if isinstance(g, torch.Tensor) and o.requires_grad]
+                if floor is not None:
+                    pairs = [(o, g.to(t.dtype)) for (o, g), t in
+                             zip(pairs, [t for t in grad_output if isinstance(t, torch.Tensor)])]
                 tensor_args = [a for a in args if isinstance(a, torch.Tensor)]
                 wants = [a for a in tensor_args if a.requires_grad] + [p for _, p in params]
                 if not pairs or not wants:
