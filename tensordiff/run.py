@@ -43,6 +43,7 @@ class TraceJob:
     per_pattern: tuple = ()  # ((fnmatch pattern, Tolerance), ...)
     isolate: bool = True
     model_class: str | None = None
+    state_dir: str | None = None  # where an isolated child finds the parent's state (default: out)
 
     def __post_init__(self):
         # through JSON (the isolated child's copy of the job) a Tolerance arrives as a dict
@@ -88,7 +89,7 @@ def _bundle(job: TraceJob, state_from: Path | None = None):
 
 def capture_role(job: TraceJob, role: str, bundle=None, crash_safe: bool = False) -> dict:
     """Capture one side into OUT/ROLE.h5; returns its timing. Runs in the child for isolated targets."""
-    bundle = bundle or _bundle(job, state_from=Path(job.out) if crash_safe else None)
+    bundle = bundle or _bundle(job, state_from=Path(job.state_dir or job.out) if crash_safe else None)
     backend = get_backend(job.reference) if role == "reference" else get_backend(job.target, job.fault)
     status(f"preparing the {role} ({backend.name})")
     model = backend(bundle.model)
@@ -120,10 +121,9 @@ def capture_role(job: TraceJob, role: str, bundle=None, crash_safe: bool = False
     return timing
 
 
-def _capture_isolated(job: TraceJob) -> tuple[dict, dict | None]:
-    """Capture the target in a child process; a segfault or abort there becomes a crash report."""
+def _run_child(job: TraceJob):
+    """Run ``python -m tensordiff.child`` on the job; (its CompletedProcess with stderr, progress file)."""
     import os
-    import signal
     import subprocess
     import sys
 
@@ -137,6 +137,15 @@ def _capture_isolated(job: TraceJob) -> tuple[dict, dict | None]:
         err.seek(0)
         proc = subprocess.CompletedProcess(child.args, child.returncode, "", err.read())
     (out / "target.stderr").unlink(missing_ok=True)
+    return proc, progress
+
+
+def _capture_isolated(job: TraceJob) -> tuple[dict, dict | None]:
+    """Capture the target in a child process; a segfault or abort there becomes a crash report."""
+    import signal
+
+    out = Path(job.out)
+    proc, progress = _run_child(job)
     timing_file = out / "target.timing.json"
     timing = json.loads(timing_file.read_text()) if timing_file.exists() else {}
     if proc.returncode == 0:
@@ -148,7 +157,29 @@ def _capture_isolated(job: TraceJob) -> tuple[dict, dict | None]:
     code = proc.returncode
     reason = (f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}")
     crash = {"reason": reason, "returncode": code, **_crash_place(progress), "stderr_tail": proc.stderr[-3000:]}
+    if code < 0 and job.level == "module":
+        crash["module_call"] = crash["last_key"]
+        crash.update(_probe_crash(job, code))
     return timing, crash
+
+
+def _probe_crash(job: TraceJob, code: int) -> dict:
+    """A signal gives the dying process no chance to say which op it was in, and module-level
+    breadcrumbs only name the call. Run the target once more in another child with op breadcrumbs
+    (op level, stats only, no replay): where it dies again is the op."""
+    from dataclasses import replace
+
+    status("the target crashed: running it again at op level to name the op")
+    probe = replace(job, out=str(Path(job.out) / "crash_probe"), level="op", save="stats", replay=False,
+                    time_plain=False, state_dir=job.state_dir or job.out)
+    Path(probe.out).mkdir(parents=True, exist_ok=True)
+    proc, progress = _run_child(probe)
+    if proc.returncode != code:
+        return {"probe": f"re-run at op level ended otherwise (status {proc.returncode}): the crash does not "
+                         "repeat; the place above is the module call"}
+    place = _crash_place(progress)
+    return {"last_key": place["last_key"], "last_source": place["last_source"],
+            "probe": "the target crashed again when re-run at op level: the op above is where"}
 
 
 def _budget(job: TraceJob):

@@ -188,3 +188,15 @@ def test_exception_in_process_target_is_a_crash_report_too(tmp_path):
     assert res.crash["reason"].startswith("raised NotImplementedError")
     assert res.crash["last_key"] == "model.layers.0.mlp.down_proj/forward#0 / tdtest::unsupported"
     assert not res.meta["target_complete"] and res.counts["matched"] > 10  # what came before is compared
+
+
+def test_alloc_round_up_at_module_level_names_the_op_by_a_probe_run(tmp_path):
+    """The README main command (module level) with the crashing fault: the signal leaves only module
+    breadcrumbs, so the target is run once more at op level and the op it dies in again is named."""
+    res = trace_job(make_job(tmp_path, target="echo_npu", fault="alloc-round-up")).result
+    assert res.verdict == "crashed"
+    crash = res.crash
+    assert crash["reason"] == "killed by signal SIGABRT"
+    assert "/op" in crash["last_key"] and crash["last_source"]
+    assert "/op" not in crash["module_call"]  # what the module-level breadcrumbs alone said
+    assert crash["probe"].startswith("the target crashed again")

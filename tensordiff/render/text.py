@@ -34,6 +34,8 @@ def headline(result) -> list[str]:
         c = result.crash
         lines.append(f"crash: {c.get('reason', '?')}; last op started: {c.get('last_key') or '-'}"
                      + (f" at {c['last_source']}" if c.get("last_source") else ""))
+        if c.get("probe"):
+            lines.append(f"crash probe: {c['probe']}")
         tail = [l for l in (c.get("stderr_tail") or "").splitlines() if l.strip()]
         if tail:
             lines.append(f"target stderr: {tail[-1].strip()}")
