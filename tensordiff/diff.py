@@ -263,8 +263,7 @@ def drill_notes(drill: dict | None, culprit: dict | None) -> list[str]:
     if not drill.get("ran"):
         return [f"drill-down of {drill['scope']} at op level did not run: {drill.get('why')}"]
     text = f"drill-down: {drill['scope']} was re-run at op level on the target's own inputs"
-    if culprit and culprit.get("scope") == drill["scope"] or culprit and culprit.get("key", "").startswith(
-            drill["scope"] + "/op"):
+    if culprit and culprit.get("scope") == drill["scope"]:  # an op found there has the call's scope too
         if culprit.get("op"):
             culprit["drill_down"] = True
             return [f"{text}; it names {culprit['op']}"]

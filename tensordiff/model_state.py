@@ -37,46 +37,47 @@ def non_persistent_names(model: torch.nn.Module) -> set[str]:
 
 
 def save_state(model: torch.nn.Module, path) -> None:
+    import json
+
     from safetensors.torch import save_file
 
-    tensors, seen = {}, {}
+    tensors, seen, aliases = {}, {}, {}
     for name, t in named_state(model).items():
         t = t.detach()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        if key in seen:  # safetensors refuses shared memory; a tie is restored by load_state's names
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if key in seen:  # safetensors refuses shared memory: the same view is written once
+            aliases[name] = seen[key]
             continue
         seen[key] = name
         # a view into a larger storage (or a strided one) is written as its own contiguous copy
-        tensors[name] = t.contiguous() if t.is_contiguous() and t.untyped_storage().nbytes() == \
-            t.numel() * t.element_size() else t.clone(memory_format=torch.contiguous_format)
-    save_file(tensors, str(path))
+        whole = t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        tensors[name] = t if whole else t.clone(memory_format=torch.contiguous_format)
+    save_file(tensors, str(path), metadata={"aliases": json.dumps(aliases)})
 
 
 def load_state(model: torch.nn.Module, path) -> None:
-    """Copy the saved state into ``model`` (same names; tied tensors get the value of their first name)."""
+    """Copy the saved state into ``model`` by name (a tensor saved as an alias of another name gets
+    that one's value)."""
+    import json
+
     from safetensors import safe_open
 
     own = named_state(model)
     with safe_open(str(path), framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+        source = {n: aliases.get(n, n) for n in own}
         saved = set(f.keys())
-        missing = [n for n in own if n not in saved and not _tied_to_saved(model, n, saved)]
+        missing = [n for n, src in source.items() if src not in saved]
         if missing:
             raise TensordiffError(f"{path}: the model built here has tensors the saved state lacks "
                                   f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
         with torch.no_grad():
             for name, t in own.items():
-                if name in saved:
-                    value = f.get_tensor(name)
-                    if tuple(value.shape) != tuple(t.shape):
-                        raise TensordiffError(f"{path}: {name} has shape {tuple(value.shape)} there, "
-                                              f"{tuple(t.shape)} in the model built here")
-                    t.copy_(value)
-
-
-def _tied_to_saved(model, name: str, saved: set) -> bool:
-    """A tied tensor saved under another name (same object reachable through both)."""
-    target = named_state(model)[name]
-    return any(t is target for n, t in named_state(model).items() if n in saved and n != name)
+                value = f.get_tensor(source[name])
+                if tuple(value.shape) != tuple(t.shape):
+                    raise TensordiffError(f"{path}: {name} has shape {tuple(value.shape)} there, "
+                                          f"{tuple(t.shape)} in the model built here")
+                t.copy_(value)
 
 
 def save_inputs(inputs, path) -> None:

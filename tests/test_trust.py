@@ -173,3 +173,17 @@ def test_clean_bf16_moe_backward_with_router_flips_matches(tmp_path):
     res = trace_job(make_job(tmp_path, model="qwen-moe", target="cpu-bf16", backward=True)).result
     assert res.verdict == "match", (res.culprit, res.first_divergence)
     assert res.flips and res.rounding is not None and res.rounding["key"].count("backward")
+
+
+def test_state_file_keeps_two_parameters_sharing_memory(tmp_path):
+    """Two distinct parameters over the same memory (a hand-made tie) are written once and both
+    restored; a model with a tensor the file lacks is a clear error."""
+    a = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    a[1].weight = torch.nn.Parameter(a[0].weight.data)  # another Parameter object, same storage
+    save_state(a, tmp_path / "s.safetensors")
+    b = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    load_state(b, tmp_path / "s.safetensors")
+    assert torch.equal(b[1].weight, a[0].weight) and torch.equal(b[0].bias, a[0].bias)
+    c = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    with pytest.raises(Exception, match="lacks"):
+        load_state(c, tmp_path / "s.safetensors")
