@@ -126,6 +126,72 @@ def trace(
     raise typer.Exit(_exit_for(outcome.result.verdict))
 
 
+@app.command("nan-hunt")
+def nan_hunt(
+    model: str = typer.Option("qwen", help="qwen | qwen-moe | local dir / HF id in the local cache | file.py:NAME"),
+    target: str = typer.Option("cpu", help="Backend to run on (as for trace): cpu, cpu-fp16, cuda-bf16, "
+                                           "echo_npu, file.py:NAME, ..."),
+    fault: str = typer.Option("none", help="echo_npu fault mode."),
+    trace_file: Optional[Path] = typer.Option(None, "--trace", help="Hunt over an existing trace (.h5) "
+                                              "instead of running a model."),
+    size: str = typer.Option("tiny", help="Built-in model size: tiny | small | 0.5b."),
+    batch: int = typer.Option(1, help="Batch size of the generated inputs."),
+    seq_len: int = typer.Option(128, help="Sequence length of the generated inputs."),
+    seed: int = typer.Option(0, help="Seed for weights and inputs."),
+    model_class: Optional[str] = typer.Option(None, help="transformers class to load a checkpoint with."),
+    backward: bool = typer.Option(False, help="Also run a backward (loss on the logits) and hunt there."),
+    bisect: str = typer.Option("auto", help="Expert bisection in an MoE layer: auto (when the experts "
+                                            "are a black box) | always | never."),
+    neg_inf: bool = typer.Option(False, "--neg-inf-is-bad", help="Count tensors whose only non-finite "
+                                 "values are -Inf (how attention masks are written) as findings too."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON (schema "
+                                                        "tensordiff-nan-hunt/1, see README)."),
+    out: Optional[Path] = typer.Option(None, help="Also write nan_hunt.json, nan_hunt.md, nan_hunt.html here."),
+):
+    """Find where NaN / Inf values are born: op, module, source line, element, experts. No reference
+    needed. Exit 1 when non-finite values were found, 0 when clean."""
+    import json
+
+    from tensordiff.errors import TensordiffError
+
+    if bisect not in ("auto", "always", "never"):
+        raise TensordiffError(f"unknown --bisect {bisect!r}; choose auto, always or never")
+    from tensordiff import progress
+
+    with progress.shown(verbose=_state.get("verbose", False)):
+        if trace_file is not None:
+            from tensordiff.analysis.nan_hunt import hunt_trace
+
+            result = hunt_trace(trace_file)
+        else:
+            from tensordiff.analysis.nan_hunt import hunt
+            from tensordiff.backends import get_backend
+            from tensordiff.models import load_model
+
+            bundle = load_model(model, size=size, batch=batch, seq_len=seq_len, seed=seed, model_class=model_class)
+            backend = get_backend(target, fault)
+            progress.status(f"preparing {backend.name}")
+            prepared = backend(bundle.model)
+            progress.status("screening a run for NaN / Inf")
+            result = hunt(prepared, backend.inputs(bundle.inputs.clone()), backward=backward, bisect=bisect,
+                          neg_inf_is_bad=neg_inf,
+                          source={"model": model, "target": target, "size": size, "seq_len": seq_len,
+                                  "backward": backward})
+    from tensordiff.render.nan_report import nan_html, nan_lines, nan_markdown
+
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "nan_hunt.json").write_text(json.dumps(result.to_dict(), indent=1, default=str))
+        (out / "nan_hunt.md").write_text(nan_markdown(result))
+        (out / "nan_hunt.html").write_text(nan_html(result))
+    if json_out:
+        typer.echo(json.dumps(result.to_dict(), indent=1, default=str))
+    else:
+        for line in nan_lines(result):
+            typer.echo(line)
+    raise typer.Exit(EXIT_MATCH if result.clean else EXIT_FOUND)
+
+
 @app.command()
 def faults():
     """List the echo_npu fault modes."""

@@ -31,8 +31,9 @@ BLOCK_RECORDS = 1024  # fast GPU stats: records per stats buffer and per writer 
 _PACKAGE = Path(__file__).resolve().parent.parent
 # Frames of torch and of tensordiff's own capture machinery are never "the user's line"; backends
 # shipped in tensordiff (echo_npu's attention) are user code from the probes' point of view.
-_SKIP_DIRS = (str(Path(torch.__file__).parent), str(_PACKAGE / "probes"), str(_PACKAGE / "tracing.py"),
-              str(_PACKAGE / "run.py"), str(_PACKAGE / "child.py"))
+_SKIP_DIRS = (str(Path(torch.__file__).parent), str(_PACKAGE / "probes"), str(_PACKAGE / "capture"),
+              str(_PACKAGE / "analysis"), str(_PACKAGE / "tracing.py"), str(_PACKAGE / "run.py"),
+              str(_PACKAGE / "child.py"))
 
 
 _SKIP_FILE: dict[str, bool] = {}  # co_filename -> not user code (a dict hit instead of prefix tests)

@@ -161,3 +161,88 @@ def bf16_with_scaled_layer1_attention(model):
 
     attn.forward = forward
     return model
+
+
+# -- nan-hunt targets ------------------------------------------------------------------------------
+STALE_EXPERTS = range(17, 25)   # experts whose kernel output buffer still holds an earlier NaN
+STALE_COLUMNS_WRITTEN = 64      # the buggy kernel writes only the first 64 columns of each row
+
+
+def _stale_experts_forward(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, act_fn):
+    """transformers' fused-experts loop, except that experts 17-24 get their output buffer from a pool
+    that still holds NaN from an earlier use, and write only its first 64 columns (the story of #11)."""
+    final = torch.zeros_like(hidden_states)
+    for e in range(gate_up_proj.shape[0]):
+        token_idx, pos = torch.where(top_k_index == e)
+        if token_idx.numel() == 0:
+            continue
+        x = hidden_states[token_idx]
+        gate, up = torch.nn.functional.linear(x, gate_up_proj[e]).chunk(2, dim=-1)
+        h = torch.nn.functional.linear(act_fn(gate) * up, down_proj[e])
+        if e in STALE_EXPERTS:  # columns past the written ones keep the pool's old NaN
+            written = torch.arange(h.shape[1], device=h.device) < STALE_COLUMNS_WRITTEN
+            h = torch.where(written, h, float("nan"))
+        final.index_add_(0, token_idx, h * top_k_weights[token_idx, pos, None])
+    return final
+
+
+def stale_buffer_experts_17_24(model):
+    """Layer 1's fused experts run a kernel whose experts 17-24 leave stale NaN rows in their output."""
+    experts = model.model.layers[1].mlp.experts
+
+    def forward(hidden_states, top_k_index, top_k_weights):
+        return _stale_experts_forward(hidden_states, top_k_index, top_k_weights, experts.gate_up_proj,
+                                      experts.down_proj, experts.act_fn)
+
+    experts.forward = forward
+    return model
+
+
+if not hasattr(torch.ops.tdtest, "stale_experts"):
+    _lib.define("stale_experts(Tensor h, Tensor idx, Tensor w, Tensor gate_up, Tensor down) -> Tensor")
+if not torch._C._dispatch_has_kernel_for_dispatch_key("tdtest::stale_experts", "CPU"):
+    _lib.impl("stale_experts", lambda h, idx, w, gu, d: _stale_experts_forward(h, idx, w, gu, d, torch.nn.functional.silu),
+              "CPU")
+
+
+def opaque_stale_experts_17_24(model):
+    """The same kernel as one opaque custom op (an external MoE kernel): no op inside it is visible."""
+    experts = model.model.layers[1].mlp.experts
+
+    def forward(hidden_states, top_k_index, top_k_weights):
+        return torch.ops.tdtest.stale_experts(hidden_states, top_k_index, top_k_weights, experts.gate_up_proj,
+                                              experts.down_proj)
+
+    experts.forward = forward
+    return model
+
+
+class _ZeroDivBackward(torch.autograd.Function):
+    """Identity forward; its backward divides by a gradient-derived zero (a backward-only NaN)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad / (grad - grad)
+
+
+def zero_div_backward_in_layer1_mlp(model):
+    mlp = model.model.layers[1].mlp
+    inner = mlp.forward
+    mlp.forward = lambda x: _ZeroDivBackward.apply(inner(x))
+    return model
+
+
+def fp16_overflow_in_layer2_mlp(model):
+    """fp16 like a deployment, with layer 2's gate and up projections 500x too large: their product
+    overflows fp16."""
+    from tensordiff.backends.registry import cast_like_deployment
+
+    cast_like_deployment(model, torch.float16)
+    with torch.no_grad():
+        model.model.layers[2].mlp.up_proj.weight.mul_(500.0)
+        model.model.layers[2].mlp.gate_proj.weight.mul_(500.0)
+    return model
