@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tensordiff.capture.events import observe
-from tensordiff.capture.observers.nan_watch import NanScreen, NanTracer, tensor_range
+from tensordiff.observers.events import observe
+from tensordiff.observers.nan_watch import NanScreen, NanTracer, tensor_range
 from tensordiff.probes.session import flatten_tensors
 
 SCHEMA = "tensordiff-nan-hunt/1"
@@ -161,7 +161,7 @@ def bisect_experts(module: torch.nn.Module, kept: tuple, n: int, k: int,
     """Re-run one MoE layer on its recorded inputs with routing restricted to subsets of its ``n``
     experts, halving the subsets that still give NaN / Inf. A subset smaller than top-k is padded with
     experts already proven clean."""
-    from tensordiff.capture.observers.nan_watch import _clone_tree
+    from tensordiff.observers.nan_watch import _clone_tree
 
     runs = 0
     clean: set[int] = set()

@@ -31,7 +31,7 @@ BLOCK_RECORDS = 1024  # fast GPU stats: records per stats buffer and per writer 
 _PACKAGE = Path(__file__).resolve().parent.parent
 # Frames of torch and of tensordiff's own capture machinery are never "the user's line"; backends
 # shipped in tensordiff (echo_npu's attention) are user code from the probes' point of view.
-_SKIP_DIRS = (str(Path(torch.__file__).parent), str(_PACKAGE / "probes"), str(_PACKAGE / "capture"),
+_SKIP_DIRS = (str(Path(torch.__file__).parent), str(_PACKAGE / "probes"), str(_PACKAGE / "observers"),
               str(_PACKAGE / "analysis"), str(_PACKAGE / "tracing.py"), str(_PACKAGE / "run.py"),
               str(_PACKAGE / "child.py"))
 

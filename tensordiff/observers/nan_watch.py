@@ -27,8 +27,8 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from tensordiff.analysis.boundary import boundary_signature, first_bad_index
-from tensordiff.capture.events import ModuleCall, Needs, Observer, OpCall
-from tensordiff.capture.observers.experts import ExpertTracker
+from tensordiff.observers.events import ModuleCall, Needs, Observer, OpCall
+from tensordiff.observers.experts import ExpertTracker
 from tensordiff.probes.session import flatten_tensors, user_source_line
 
 

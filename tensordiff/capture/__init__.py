@@ -1,3 +1,0 @@
-"""Capture built from observers: module calls and aten ops are events (``events.py``); each analysis
-is an observer of them (``observers/``). nan-hunt runs on it; the trace recorder and replay still live
-in ``tensordiff.probes`` and move here next."""
