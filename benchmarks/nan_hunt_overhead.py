@@ -40,8 +40,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    with torch.device(args.device):
-        bundle = load_model(args.model, size=args.size, seq_len=args.seq_len)
+    bundle = load_model(args.model, size=args.size, seq_len=args.seq_len)
     model = bundle.model.to(device=args.device, dtype=dtype).eval()
     ids = bundle.inputs.kwargs["input_ids"].to(args.device)
 
