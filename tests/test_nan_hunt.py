@@ -181,8 +181,12 @@ def test_clean_moe_and_neg_inf_masks_report_nothing():
     assert hunt(model, inputs, backward=True).clean
 
     class Attend(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+
         def forward(self, x, mask):
-            return torch.softmax(x @ x.T + mask, -1) @ x
+            return self.proj(torch.softmax(x @ x.T + mask, -1) @ x)
 
     class Masked(torch.nn.Module):  # a causal mask written with -inf and handed to a module
         def __init__(self):

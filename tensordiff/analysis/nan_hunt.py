@@ -1,8 +1,9 @@
 """nan-hunt: where non-finite values are born, down to the op, the element and the expert.
 
 Coarse to fine, so a clean run costs little:
-1. *Screen* (``NanScreen``): the model runs once with one ``aminmax`` per new module input / output
-   tensor on its device and one host sync at the end (with ``backward``, every backward op too).
+1. *Screen* (``NanScreen``): the model runs once with one ``aminmax`` per new input / output tensor
+   of each composite module call (decoder layer, attention, MLP: not the leaves) on its device and
+   one host sync at the end (with ``backward``, every backward op too).
 2. *Trace* (``NanTracer``), only when the screen saw NaN / Inf: the model runs again on the same
    inputs, and inside the module call where the values first appeared every op is counted exactly.
    The first op whose output is non-finite while its inputs are finite is the birth: op, module,
@@ -99,7 +100,8 @@ def _forward_finding(model, inputs, screen, first, bisect: str, loss_fn, neg_inf
     # born in the call's own code (outputs bad, inputs clean), or in the parent's code before it
     # handed this call a bad input
     call = first.call if first.kind == "leave" else first.call.parent
-    tracer = NanTracer(model, call.scope, "forward", keep_inputs_of=set(call.chain()), neg_inf_is_bad=neg_inf_is_bad)
+    tracer = NanTracer(model, call.scope, "forward", keep_inputs_of=set(call.chain()), neg_inf_is_bad=neg_inf_is_bad,
+                       keep_composites=True)
     _run(model, inputs.clone(), [tracer], False, loss_fn)
     later = screen.bad_after(first)
     spread = {"ops_in_scope": tracer.spread_ops, "module_calls": sum(e.kind == "leave" for e in later),

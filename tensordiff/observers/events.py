@@ -29,6 +29,7 @@ class Needs:
     ops: bool = False            # aten op events (a dispatch mode over the whole run)
     backward: bool = False       # op events while autograd runs, too
     inputs_before: bool = False  # on_op_start before the op runs (an in-place op overwrites its input)
+    leaf_modules: bool = True    # module events of modules without children too (70% of calls in an LLM)
 
 
 @dataclass
@@ -138,7 +139,10 @@ class EventSource:
             self.busy = was
 
     def __enter__(self):
+        leaves = any(o.needs.leaf_modules for o in self.observers)
         for raw_name, mod in self.model.named_modules():
+            if not leaves and raw_name and next(iter(mod.children()), None) is None:
+                continue
             own = mod.__dict__.get("forward")
             mod.forward = self._wrap(raw_name or ROOT, mod.forward)
             self._wrapped.append((mod, own))

@@ -1,10 +1,12 @@
 """Observers that watch for NaN and Inf: a cheap screen for the whole run and an exact tracer for one
 scope.
 
-``NanScreen`` (coarse, the clean-run cost): one ``aminmax`` launch per new tensor at module calls (and
-at backward ops), kept on the tensor's device; one host sync at the end says which events saw
-non-finite values. ``aminmax`` propagates NaN and shows +-Inf, so it is exact without a sum that
-could overflow, and it allocates nothing the size of the tensor.
+``NanScreen`` (coarse, the clean-run cost): one ``aminmax`` launch per new tensor at the calls of
+composite modules (those with children: a decoder layer, its attention and MLP; leaves such as
+Linear are 70% of an LLM's calls and their births are found by the tracer anyway) and, with
+``backward``, at backward ops; results stay on the tensor's device and one host sync at the end says
+which events saw non-finite values. ``aminmax`` propagates NaN and shows +-Inf, so it is exact
+without a sum that could overflow, and it allocates nothing the size of the tensor.
 
 ``NanTracer`` (fine, only after the screen found something): inside the scope where values were
 born, every op's inputs (before it runs) and outputs are counted exactly, the first op whose output
@@ -24,7 +26,6 @@ import weakref
 
 import torch
 from torch.utils._pytree import tree_flatten
-from torch.utils.weak import WeakIdKeyDictionary
 
 from tensordiff.analysis.boundary import boundary_signature, first_bad_index
 from tensordiff.observers.events import ModuleCall, Needs, Observer, OpCall
@@ -44,7 +45,7 @@ def _screenable(t) -> bool:
         and t.device.type != "meta"
 
 
-@dataclass
+@dataclass(slots=True)
 class ScreenEvent:
     kind: str                     # "enter" (inputs of a call), "leave" (its outputs), "op" (backward op)
     call: ModuleCall | None       # the module call (enter / leave) or the op's innermost call
@@ -63,20 +64,20 @@ class NanScreen(Observer):
     """Sync-free screen of module inputs and outputs (and, with ``backward``, of backward ops)."""
 
     def __init__(self, backward: bool = False, neg_inf_is_bad: bool = False):
-        self.needs = Needs(backward=backward)
+        self.needs = Needs(backward=backward, leaf_modules=False)
         self.neg_inf_is_bad = neg_inf_is_bad
         self.events: list[ScreenEvent] = []
         self._groups: dict = {}                 # (device, dtype) -> ([mins], [maxs])
-        self._seen = WeakIdKeyDictionary()      # tensor -> (version, group, pos): screened already
+        self._seen: dict = {}                   # id -> (weakref, version, group, pos): screened already
         self.tensors = 0
 
     def _screen(self, event: ScreenEvent, slot: str, t: torch.Tensor) -> None:
         if not _screenable(t):
             return
-        seen = self._seen.get(t)
+        seen = self._seen.get(id(t))
         version = _version(t)
-        if seen is not None and seen[0] == version and version is not None:
-            event.slots.append((slot, seen[1], seen[2]))
+        if seen is not None and seen[0]() is t and seen[1] == version and version is not None:
+            event.slots.append((slot, seen[2], seen[3]))
             return
         key = (t.device, t.dtype)
         group = self._groups.get(key)
@@ -86,7 +87,7 @@ class NanScreen(Observer):
         group[0].append(lo)
         group[1].append(hi)
         pos = len(group[0]) - 1
-        self._seen[t] = (version, key, pos)
+        self._seen[id(t)] = (weakref.ref(t), version, key, pos)
         event.slots.append((slot, key, pos))
         self.tensors += 1
 
@@ -95,6 +96,13 @@ class NanScreen(Observer):
             self._screen(event, slot, t)
         if event.slots:
             self.events.append(event)
+
+    def _inside(self, call) -> bool:
+        while call is not None:
+            if call.scope == self.scope:
+                return True
+            call = call.parent
+        return False
 
     def on_module_enter(self, call, args, kwargs):
         event = ScreenEvent("enter", call)
@@ -130,6 +138,7 @@ class NanScreen(Observer):
         for event in self.events:
             event.bad = [slot for slot, key, pos in event.slots if not finite[key][pos]]
         self._groups.clear()
+        self._seen.clear()
 
     def first_bad(self, direction: str = "forward") -> ScreenEvent | None:
         want_op = direction == "backward"
@@ -175,13 +184,17 @@ class NanTracer(Observer):
     op with ``direction='backward'``); light bookkeeping elsewhere (routers, autograd nodes)."""
 
     def __init__(self, model: torch.nn.Module, scope: str | None, direction: str = "forward",
-                 keep_inputs_of: set | None = None, neg_inf_is_bad: bool = False):
+                 keep_inputs_of: set | None = None, neg_inf_is_bad: bool = False, keep_composites: bool = False):
         self.neg_inf_is_bad = neg_inf_is_bad
         self._constants: dict = {}           # id -> (weakref, op): non-finite tensors no input made
         self.needs = Needs(ops=True, backward=direction == "backward", inputs_before=True)
         self.scope = scope
         self.direction = direction
         self.keep_inputs_of = keep_inputs_of or set()
+        # inputs of composite calls inside the scope too: an MoE block to bisect may sit below it
+        self.keep_composites = keep_composites
+        self._composite = {name or "__root__" for name, m in model.named_modules()
+                           if next(iter(m.children()), None) is not None}
         self.kept_inputs: dict = {}          # scope -> (args, kwargs) cloned at the call's start
         self.birth: dict | None = None       # the first op whose output is non-finite
         self.spread_ops = 0                  # later ops in the scope whose outputs are non-finite
@@ -207,9 +220,17 @@ class NanTracer(Observer):
             call = call.parent
         return False
 
+    def _inside(self, call) -> bool:
+        while call is not None:
+            if call.scope == self.scope:
+                return True
+            call = call.parent
+        return False
+
     def on_module_enter(self, call, args, kwargs):
         self.experts.enter(call)
-        if call.scope in self.keep_inputs_of:
+        if call.scope in self.keep_inputs_of or (self.keep_composites and call.name in self._composite
+                                                 and self._inside(call)):
             self.kept_inputs[call.scope] = _clone_tree((args, kwargs))
 
     def on_module_leave(self, call, output):
