@@ -267,6 +267,10 @@ def drill_notes(drill: dict | None, culprit: dict | None) -> list[str]:
         if culprit.get("op"):
             culprit["drill_down"] = True
             return [f"{text}; it names {culprit['op']}"]
+        if culprit.get("state"):  # its ops replay right on the target's weights: the weights are the difference
+            names = ", ".join(r["name"] for r in culprit["state"][:3])
+            return [f"{text}; every op agrees with the reference given the target's own inputs and weights: "
+                    f"the difference is the module's state ({names}; see the state table)"]
         return [f"{text}; no op of its own code is wrong on its own inputs: the difference lies in which ops "
                 "run or what they are fed (an op added, dropped, or given another tensor)"]
     return [text]

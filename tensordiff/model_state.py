@@ -142,14 +142,22 @@ def compare_tensor(side: torch.Tensor, base: torch.Tensor) -> dict:
     else:
         beyond = int((sc != bc).sum())
     status = "value" if beyond else "cast"
-    return {"status": status, "beyond_rounding": beyond, "rel_l2": rel, "max_abs": max_abs}
+    out = {"status": status, "beyond_rounding": beyond, "rel_l2": rel, "max_abs": max_abs}
+    if beyond and common.is_floating_point and s.ndim >= 3:
+        # a stacked tensor (fused experts [E, 2I, H]): which slices along dim 0 differ
+        bad = ((d > slack) & ~both_nan) | (torch.isnan(sc) ^ torch.isnan(bc))
+        out["slices"] = torch.nonzero(bad.reshape(s.shape[0], -1).any(1)).flatten().tolist()
+    return out
 
 
 def state_rows(prepared: torch.nn.Module, base: dict[str, torch.Tensor],
                non_persistent: set[str] | None = None) -> list[dict]:
     """One row per tensor of the prepared model or the base: name, shape, dtype, device, status
     (same / cast / value / shape / missing / extra) against the base, and the value error."""
+    from tensordiff.observers.experts import expert_containers
+
     own = named_state(prepared)
+    fused = expert_containers(prepared)[1]
     non_persistent = non_persistent if non_persistent is not None else non_persistent_names(prepared)
     rows = []
     for name, t in own.items():
@@ -158,6 +166,9 @@ def state_rows(prepared: torch.nn.Module, base: dict[str, torch.Tensor],
                "persistent": name not in non_persistent}
         if name in base:
             row.update(compare_tensor(t, base[name]))
+            if "slices" in row:
+                row["slices_of"] = int(t.shape[0])
+                row["slice_noun"] = "experts" if name.rpartition(".")[0] in fused else "dim-0 slices"
             row["base_dtype"] = str(base[name].dtype).replace("torch.", "")
         else:
             row["status"] = "extra"

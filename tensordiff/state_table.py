@@ -41,7 +41,8 @@ def _pair_row(name: str, ref: dict | None, tgt: dict | None) -> dict:
            "ref_shape": (ref or {}).get("shape"), "tgt_shape": (tgt or {}).get("shape"),
            "kind": (tgt or ref or {}).get("kind"), "persistent": (tgt or ref or {}).get("persistent", True),
            "rel_l2": (tgt or {}).get("rel_l2"), "max_abs": (tgt or {}).get("max_abs"),
-           "beyond_rounding": (tgt or {}).get("beyond_rounding")}
+           "beyond_rounding": (tgt or {}).get("beyond_rounding"),
+           **{k: (tgt or {})[k] for k in ("slices", "slices_of", "slice_noun") if k in (tgt or {})}}
     ref_status = (ref or {}).get("status", "missing")
     tgt_status = (tgt or {}).get("status", "missing")
     if ref is None or ref_status == "missing":
@@ -55,6 +56,7 @@ def _pair_row(name: str, ref: dict | None, tgt: dict | None) -> dict:
         if ref_status == "value":
             row["rel_l2"], row["max_abs"] = ref.get("rel_l2"), ref.get("max_abs")
             row["beyond_rounding"] = ref.get("beyond_rounding")
+            row.update({k: ref[k] for k in ("slices", "slices_of", "slice_noun") if k in ref})
     elif row["ref_dtype"] != row["tgt_dtype"]:
         row["status"] = "cast"
     else:
@@ -99,7 +101,12 @@ def _why(r: dict, usual: str | None) -> str:
     if status == "shape":
         return f"shape {r['ref_shape']} in the reference, {r['tgt_shape']} in the target"
     if status == "value":
-        return (f"values differ beyond the rounding of the common dtype ({r['beyond_rounding']} elements, "
+        where = ""
+        if r.get("slices"):
+            from tensordiff.analysis.boundary import describe_indices
+
+            where = f" in {describe_indices(r['slices'], r['slices_of'], r.get('slice_noun', 'dim-0 slices'))}"
+        return (f"values differ beyond the rounding of the common dtype{where} ({r['beyond_rounding']} elements, "
                 f"rel L2 {r['rel_l2']:.3g})")
     if not r["persistent"]:
         return (f"non-persistent buffer cast {r['ref_dtype']} -> {r['tgt_dtype']} (rel L2 {r['rel_l2']:.3g}); "

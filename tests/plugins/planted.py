@@ -246,3 +246,10 @@ def fp16_overflow_in_layer2_mlp(model):
         model.model.layers[2].mlp.up_proj.weight.mul_(500.0)
         model.model.layers[2].mlp.gate_proj.weight.mul_(500.0)
     return model
+
+
+def other_weights_in_layer1_expert_5(model):
+    """One expert's slice of layer 1's fused down_proj is 5% off (a bad conversion of one expert)."""
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.down_proj[5].mul_(1.05)
+    return model
