@@ -66,11 +66,10 @@ def hunt(model: torch.nn.Module, inputs, backward: bool = False, loss_fn=None, b
     from tensordiff.tracing import _as_inputs, default_loss
 
     loss_fn = loss_fn or default_loss
-    inputs = _as_inputs(inputs)
-    pristine = inputs.clone()  # the fine run starts from the same values
+    pristine = _as_inputs(inputs)  # never run on: the fine run starts from the same values
     start = time.perf_counter()
     screen = NanScreen(backward=backward, neg_inf_is_bad=neg_inf_is_bad)
-    output = _run(model, inputs.clone(), [screen], backward, loss_fn)
+    output = _run(model, pristine.clone(), [screen], backward, loss_fn)
     result = NanHuntResult(clean=True, source=source or {})
     result.screened = {"events": len(screen.events), "tensors": screen.tensors,
                        "backward_ops": sum(e.kind == "op" for e in screen.events)}

@@ -72,13 +72,15 @@ class NanScreen(Observer):
         self.tensors = 0
 
     def _screen(self, event: ScreenEvent, slot: str, t: torch.Tensor) -> None:
+        seen = self._seen.get(id(t))
+        if seen is not None and seen[0]() is t:  # screened already: unless written in place since
+            version = _version(t)
+            if seen[1] == version and version is not None:
+                event.slots.append((slot, seen[2], seen[3]))
+                return
         if not _screenable(t):
             return
-        seen = self._seen.get(id(t))
         version = _version(t)
-        if seen is not None and seen[0]() is t and seen[1] == version and version is not None:
-            event.slots.append((slot, seen[2], seen[3]))
-            return
         key = (t.device, t.dtype)
         group = self._groups.get(key)
         if group is None:
