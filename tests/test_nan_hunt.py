@@ -64,7 +64,7 @@ def test_fp16_overflow_names_the_op_and_element():
     first = int(torch.nonzero(~torch.isfinite(seen["x"].reshape(-1)))[0])
     assert f["first_index"] == first and f["first_coords"][-1] == first % seen["x"].shape[-1]
     assert all(x["nonfinite"] == 0 for x in f["inputs"]) and len(f["inputs"]) == 2
-    assert f["spread"]["module_calls"] > 5 and f["spread"]["model_output"]["bad_slots"]
+    assert f["spread"]["module_calls"] >= 3 and f["spread"]["model_output"]["bad_slots"]
 
 
 def test_backward_only_nan_names_its_forward_module():
@@ -188,13 +188,24 @@ def test_clean_moe_and_neg_inf_masks_report_nothing():
         def forward(self, x, mask):
             return self.proj(torch.softmax(x @ x.T + mask, -1) @ x)
 
-    class Masked(torch.nn.Module):  # a causal mask written with -inf and handed to a module
+    class Layer(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.attend = Attend()
 
+        def forward(self, x, mask):
+            return x + self.attend(x, mask)
+
+    class Masked(torch.nn.Module):  # a causal mask written with -inf, handed down through layers
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([Layer(), Layer()])
+
         def forward(self, x):
-            return self.attend(x, torch.full((x.shape[0], x.shape[0]), float("-inf")).triu(1))
+            mask = torch.full((x.shape[0], x.shape[0]), float("-inf")).triu(1)
+            for layer in self.layers:
+                x = layer(x, mask)
+            return x
 
     assert hunt(Masked(), torch.randn(64, 8)).clean
     assert not hunt(Masked(), torch.randn(64, 8), neg_inf_is_bad=True).clean

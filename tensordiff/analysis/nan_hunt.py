@@ -2,8 +2,8 @@
 
 Coarse to fine, so a clean run costs little:
 1. *Screen* (``NanScreen``): the model runs once with one ``aminmax`` per new input / output tensor
-   of each composite module call (decoder layer, attention, MLP: not the leaves) on its device and
-   one host sync at the end (with ``backward``, every backward op too).
+   of each outer module call (the root, decoder layers, MoE blocks: modules with a composite child)
+   on its device and one host sync at the end (with ``backward``, every backward op too).
 2. *Trace* (``NanTracer``), only when the screen saw NaN / Inf: the model runs again on the same
    inputs, and inside the module call where the values first appeared every op is counted exactly.
    The first op whose output is non-finite while its inputs are finite is the birth: op, module,
