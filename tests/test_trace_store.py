@@ -109,3 +109,26 @@ def test_block_of_fast_records_is_written_with_layouts_and_aliases(tmp_path):
     assert b_out["storage_offset"] == 5 and b_out["dtype"] == "float32" and b_out["device"] == "cuda:0"
     assert (b_out["nan"], b_out["inf"], b_out["zero"]) == (2, 1, 4) and not b_out["has_data"]
     assert a["source"] == "x.py:1 in f" and a["scope"] == "a/forward#0"
+
+
+def test_schema_1_files_still_read(tmp_path):
+    """A trace written by schema 1 (one /data dataset per record) reads as before."""
+    import json
+
+    import h5py
+    import numpy as np
+    import torch
+
+    from tensordiff.trace import open_trace
+
+    t = torch.randn(3, 4).to(torch.bfloat16)
+    with h5py.File(tmp_path / "v1.h5", "w") as f:
+        f.attrs.update(format="tensordiff-trace", schema_version=1, complete=True, metadata="{}")
+        row = {"key": "m/forward#0/output.0", "seq": 0, "kind": "module", "direction": "forward", "module": "m",
+               "call": 0, "scope": "m/forward#0", "op": "", "op_index": -1, "slot": "output.0", "source": "",
+               "shape": [3, 4], "dtype": "bfloat16", "device": "cpu", "stride": [4, 1], "storage_offset": 0,
+               "contiguous": True, "has_data": True}
+        f.create_dataset("index", data=[json.dumps(row)], dtype=h5py.string_dtype())
+        f.create_dataset("stats", data=np.zeros((1, 9)))
+        f.create_group("data").create_dataset("0000000", data=t.view(torch.uint16).numpy()).attrs["dtype"] = "bfloat16"
+    assert torch.equal(open_trace(tmp_path / "v1.h5").tensor("m/forward#0/output.0"), t)
