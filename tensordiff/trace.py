@@ -292,9 +292,9 @@ class TraceWriter:
         self._index[start:start + n] = [r for r, _ in self._rows_pending]
         self._stats.resize((start + n, 9))
         self._stats[start:start + n] = np.stack([s for _, s in self._rows_pending])
-        self._committed = start + n
         self._rows_pending.clear()
         self._file.flush()
+        self._committed = start + n  # acknowledged only once flushed: a SIGKILL may come right after
         self._last_commit = time.monotonic()
 
     def close(self, complete: bool = True) -> None:
