@@ -46,7 +46,7 @@ def run(variant):
             s._rec = None
         if variant == "C++ records, no kernels":  # the floor of a design with batched launches
             from tensordiff.probes import fast_records
-            from tensordiff.probes.session import flatten_tensors
+            from tensordiff.tensors import flatten_tensors
 
             s._rec = fast_records._load().Recorder(0, 1024, flatten_tensors, False)
         with ModuleProbe(m, s), torch.no_grad():

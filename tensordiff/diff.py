@@ -160,31 +160,6 @@ def compare_traces(ref: TraceReader, tgt: TraceReader, policy: TolerancePolicy,
     return table, alignment
 
 
-def _record_summary(row: dict) -> dict:
-    return {"key": row["key"], "seq": int(row["seq"]), "module": row["module"], "op": row["op"] or None,
-            "slot": row["slot"],
-            "max_abs": row.get("max_abs"), "rel_l2": row.get("rel_l2"), "index": row.get("worst_index"),
-            "source": row.get("source") or None}
-
-
-def first_beyond(table: pd.DataFrame) -> dict | None:
-    """Earliest record in target execution order beyond tolerance (forward records first)."""
-    if table.empty:
-        return None
-    for direction in ("forward", "backward"):
-        hits = table[(table["direction"] == direction) & table["beyond"]]
-        if len(hits):
-            return _record_summary(hits.iloc[0].to_dict())
-    return None
-
-
-def first_nan(table: pd.DataFrame) -> dict | None:
-    if table.empty:
-        return None
-    hits = table[(table["nonfinite_mismatch"].fillna(0) > 0)]
-    return _record_summary(hits.iloc[0].to_dict()) if len(hits) else None
-
-
 def load_notes(load: dict | None) -> list[str]:
     """Plain words for what the checkpoint lacked or had in excess: never a silent random init."""
     if not load:

@@ -159,7 +159,7 @@ def _mark_explained(table: pd.DataFrame, flips: list[dict]) -> None:
 
 
 def localize(result, ref, tgt) -> None:
-    from tensordiff.diff import first_beyond, first_nan
+    from tensordiff.first_records import first_beyond, first_nan
 
     table = result.table
     result.flips = decision_flips(table)

@@ -49,7 +49,7 @@ class Inputs:
         return Inputs(*copy.deepcopy((self.args, self.kwargs)))
 
     def describe(self) -> dict:
-        from tensordiff.probes.session import flatten_tensors
+        from tensordiff.tensors import flatten_tensors
 
         return {slot: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
                 for slot, t in flatten_tensors((self.args, self.kwargs), "inputs")}

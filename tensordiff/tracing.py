@@ -49,7 +49,7 @@ def default_loss(output, inputs: Inputs) -> torch.Tensor:
     if logits is not None and ids is not None and ids.shape[-1] > 1:
         return torch.nn.functional.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1).to(logits.device))
-    from tensordiff.probes.session import flatten_tensors
+    from tensordiff.tensors import flatten_tensors
 
     for _, t in flatten_tensors((output,), "out"):
         if t.is_floating_point():

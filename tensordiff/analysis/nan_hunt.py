@@ -26,7 +26,7 @@ import torch
 
 from tensordiff.observers.events import observe
 from tensordiff.observers.nan_watch import NanScreen, NanTracer, tensor_range
-from tensordiff.probes.session import flatten_tensors
+from tensordiff.tensors import flatten_tensors
 
 SCHEMA = "tensordiff-nan-hunt/1"
 MAX_BISECT_RUNS = 256

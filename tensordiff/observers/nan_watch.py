@@ -30,7 +30,8 @@ from torch.utils._pytree import tree_flatten
 from tensordiff.analysis.boundary import boundary_signature, first_bad_index
 from tensordiff.observers.events import ModuleCall, Needs, Observer, OpCall
 from tensordiff.observers.experts import ExpertTracker
-from tensordiff.probes.session import flatten_tensors, user_source_line
+from tensordiff.source_lines import user_source_line
+from tensordiff.tensors import flatten_tensors
 
 
 def _version(t: torch.Tensor) -> int | None:

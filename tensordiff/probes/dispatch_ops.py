@@ -16,7 +16,8 @@ from torch.utils._pytree import tree_flatten
 
 from tensordiff.probes.replay import (LOW_PRECISION, dtypes_of, layout_experiment, local_error, output_tensors,
                                       replayable)
-from tensordiff.probes.session import CaptureSession, user_source_line
+from tensordiff.probes.session import CaptureSession
+from tensordiff.source_lines import user_source_line
 
 # Ops whose only job is metadata or that tensordiff itself never needs to compare.
 _IGNORED = frozenset({"aten::detach"})

@@ -60,7 +60,7 @@ def recorder(capacity: int, accept_cpu: bool = False):
     ext = _load()
     if ext is None:
         return None
-    from tensordiff.probes.session import flatten_tensors
+    from tensordiff.tensors import flatten_tensors
 
     address = ctypes.cast(launch, ctypes.c_void_p).value if launch is not None else 0
     return ext.Recorder(address, capacity, flatten_tensors, accept_cpu)

@@ -16,7 +16,9 @@ import torch
 from tensordiff.errors import TensordiffError
 from tensordiff.metrics import local_beyond
 from tensordiff.probes.replay import LOW_PRECISION, dtypes_of, local_error
-from tensordiff.probes.session import ROOT, CaptureSession, flatten_tensors, is_skipped_file, user_source_line
+from tensordiff.probes.session import ROOT, CaptureSession
+from tensordiff.source_lines import is_skipped_file, user_source_line
+from tensordiff.tensors import flatten_tensors
 
 
 def _versions(obj) -> list:

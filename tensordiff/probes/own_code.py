@@ -43,7 +43,7 @@ def _clone(obj):
 def feed_error(given, recorded) -> float:
     """Largest rel L2 between the float tensors a child was handed by the replay and by the target."""
     from tensordiff.probes.replay import local_error
-    from tensordiff.probes.session import flatten_tensors
+    from tensordiff.tensors import flatten_tensors
 
     if recorded is None:
         return 0.0

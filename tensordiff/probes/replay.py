@@ -18,7 +18,8 @@ import math
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
-from tensordiff.probes.session import ROOT, flatten_tensors
+from tensordiff.probes.session import ROOT
+from tensordiff.tensors import flatten_tensors
 from tensordiff.probes.snapshot import read_back
 
 # Ops whose result is not a function of their inputs: replaying them proves nothing.

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import weakref
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,43 +27,6 @@ from tensordiff.trace import module_record
 
 ROOT = "__root__"
 BLOCK_RECORDS = 1024  # fast GPU stats: records per stats buffer and per writer block
-_PACKAGE = Path(__file__).resolve().parent.parent
-# Frames of torch and of tensordiff's own capture machinery are never "the user's line"; backends
-# shipped in tensordiff (echo_npu's attention) are user code from the probes' point of view.
-_SKIP_DIRS = (str(Path(torch.__file__).parent), str(_PACKAGE / "probes"), str(_PACKAGE / "observers"),
-              str(_PACKAGE / "analysis"), str(_PACKAGE / "tracing.py"), str(_PACKAGE / "run.py"),
-              str(_PACKAGE / "child.py"))
-
-
-_SKIP_FILE: dict[str, bool] = {}  # co_filename -> not user code (a dict hit instead of prefix tests)
-
-
-def is_skipped_file(fname: str) -> bool:
-    """Frames of this file are never 'the user's line' (torch, tensordiff's capture machinery)."""
-    return fname.startswith(_SKIP_DIRS) or fname.startswith("<")
-
-
-def user_source_line(max_depth: int = 64, start: int = 1) -> str:
-    """'file.py:LINE in func' of the innermost frame outside torch and tensordiff. ``start`` skips
-    frames known to be ours without materialising them (each frame object costs ~1 us on 3.12)."""
-    try:
-        frame = sys._getframe(start)
-    except ValueError:
-        frame = sys._getframe(1)
-    for _ in range(max_depth):
-        if frame is None:
-            break
-        code = frame.f_code
-        fname = code.co_filename
-        skip = _SKIP_FILE.get(fname)
-        if skip is None:
-            skip = _SKIP_FILE[fname] = is_skipped_file(fname)
-        if not skip:
-            return f"{fname}:{frame.f_lineno} in {code.co_name}"
-        frame = frame.f_back
-    return ""
-
-
 def _version(t: torch.Tensor) -> int | None:
     """The tensor's in-place version counter (None where it has none, e.g. inference tensors)."""
     try:
@@ -83,24 +44,6 @@ def _fingerprint(t: torch.Tensor) -> float | None:
         return float(d.numpy().sum(dtype=np.float64))
     except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16)
         return float(torch.sum(d, dtype=torch.float64))
-
-
-def flatten_tensors(obj, prefix: str, depth: int = 0):
-    """(slot, tensor) pairs of every tensor inside tuples, lists and dicts (ModelOutput included)."""
-    if isinstance(obj, torch.Tensor):
-        yield prefix, obj
-    elif depth > 4:
-        return
-    elif isinstance(obj, (tuple, list)):
-        for i, item in enumerate(obj):
-            yield from flatten_tensors(item, f"{prefix}.{i}", depth + 1)
-    elif isinstance(obj, dict) or hasattr(obj, "items") and hasattr(obj, "keys") and not isinstance(obj, type):
-        try:
-            items = list(obj.items())
-        except Exception:  # an exotic mapping-like object (a cache): nothing to capture
-            return
-        for k, item in items:
-            yield from flatten_tensors(item, f"{prefix}.{k}", depth + 1)
 
 
 class CaptureSession:
