@@ -69,7 +69,7 @@ def hunt(model: torch.nn.Module, inputs, backward: bool = False, loss_fn=None, b
     pristine = _as_inputs(inputs)  # never run on: the fine run starts from the same values
     start = time.perf_counter()
     screen = NanScreen(backward=backward, neg_inf_is_bad=neg_inf_is_bad)
-    output = _run(model, pristine.clone(), [screen], backward, loss_fn)
+    output = _run(model, _fresh(pristine), [screen], backward, loss_fn)
     result = NanHuntResult(clean=True, source=source or {})
     result.screened = {"events": len(screen.events), "tensors": screen.tensors,
                        "backward_ops": sum(e.kind == "op" for e in screen.events)}
@@ -87,6 +87,15 @@ def hunt(model: torch.nn.Module, inputs, backward: bool = False, loss_fn=None, b
     return result
 
 
+def _fresh(inputs):
+    """A copy of the inputs made by each tensor's own clone op: deepcopy goes through storage copies,
+    which a device under test may not implement (echo_npu's crashes)."""
+    from tensordiff.models import Inputs
+    from tensordiff.observers.nan_watch import _clone_tree
+
+    return Inputs(*_clone_tree((inputs.args, inputs.kwargs)))
+
+
 def _output_summary(screen: NanScreen) -> dict:
     roots = [e for e in screen.events if e.kind == "leave" and e.call.parent is None]
     return {"bad_slots": roots[-1].bad} if roots else {}
@@ -101,7 +110,7 @@ def _forward_finding(model, inputs, screen, first, bisect: str, loss_fn, neg_inf
     call = first.call if first.kind == "leave" else first.call.parent
     tracer = NanTracer(model, call.scope, "forward", keep_inputs_of=set(call.chain()), neg_inf_is_bad=neg_inf_is_bad,
                        keep_composites=True)
-    _run(model, inputs.clone(), [tracer], False, loss_fn)
+    _run(model, _fresh(inputs), [tracer], False, loss_fn)
     later = screen.bad_after(first)
     spread = {"ops_in_scope": tracer.spread_ops, "module_calls": sum(e.kind == "leave" for e in later),
               "last_module": later[-1].call.name if later else call.name, "model_output": _output_summary(screen)}
@@ -228,7 +237,7 @@ def bisect_experts(module: torch.nn.Module, kept: tuple, n: int, k: int,
 
 def _backward_finding(model, inputs, screen, loss_fn, neg_inf_is_bad: bool) -> dict:
     tracer = NanTracer(model, None, "backward", neg_inf_is_bad=neg_inf_is_bad)
-    _run(model, inputs.clone(), [tracer], True, loss_fn)
+    _run(model, _fresh(inputs), [tracer], True, loss_fn)
     first = screen.first_bad("backward")
     later = screen.bad_after(first)
     spread = {"ops_in_scope": tracer.spread_ops, "backward_ops": len(later)}
