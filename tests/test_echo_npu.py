@@ -204,11 +204,11 @@ def test_alloc_round_up_at_module_level_names_the_op_by_a_probe_run(tmp_path):
 
 def test_nan_hunt_on_the_device_is_clean_forward_and_backward():
     """nan-hunt runs on a PrivateUse1 device (its inputs copied by the device's own clone op, not
-    deepcopy's storage copies, which echo_npu does not implement) and finds nothing on a clean run."""
-    from tensordiff.analysis.nan_hunt import hunt
+    deepcopy's storage copies, which echo_npu does not implement) and finds nothing on a clean run.
+    Own process, like every backward on the device."""
+    from tests.test_cli import run_cli
 
-    backend = get_backend("echo_npu")
-    bundle = load_model("qwen", size="tiny", seq_len=64)
-    result = hunt(backend(bundle.model), backend.inputs(bundle.inputs.clone()), backward=True)
-    assert result.clean, result.findings
-    assert result.screened["tensors"] > 20 and result.screened["backward_ops"] > 100
+    proc = run_cli("nan-hunt", "--target", "echo_npu", "--seq-len", "64", "--backward", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(proc.stdout)
+    assert doc["clean"] and doc["screened"]["tensors"] > 20 and doc["screened"]["backward_ops"] > 100
