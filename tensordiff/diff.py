@@ -42,6 +42,7 @@ class DiffResult:
     state: StateTable = field(default_factory=StateTable)  # parameters and buffers, ref vs tgt
     rounding: dict | None = None  # first record over budget when replay shows it is accumulated rounding
     load: dict | None = None  # what loading the checkpoint reported (missing / unexpected tensors)
+    nan_hunt: dict | None = None  # where the target's NaN / Inf were born (analysis/nan_hunt.hunt_trace)
 
     def to_markdown(self) -> str:
         from tensordiff.render.markdown import render_markdown
@@ -228,6 +229,10 @@ def diff(reference, target, atol: float | None = None, rtol: float | None = None
                               "were they captured from the same model?")
     localize(result, ref, tgt)
     result.notes += drill_notes(tgt.meta.get("drill_down"), result.culprit)
+    if result.first_nan is not None:  # the target has NaN / Inf the reference lacks: where were they born
+        from tensordiff.analysis.nan_hunt import hunt_trace
+
+        result.nan_hunt = hunt_trace(tgt).to_dict()
     return result
 
 

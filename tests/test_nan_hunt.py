@@ -238,3 +238,20 @@ def test_cli_exit_codes_json_and_reports(tmp_path):
     for bad in (["--trace", str(tmp_path / "missing.h5")], ["--bisect", "sometimes"]):
         proc = run_cli("nan-hunt", *bad)
         assert proc.returncode == 2 and proc.stderr.startswith("error:") and len(proc.stderr.splitlines()) == 1
+
+
+def test_trace_with_nan_target_reports_where_they_are_born(tmp_path):
+    from tensordiff.run import trace_job
+    from tests.conftest import make_job
+
+    res = trace_job(make_job(tmp_path, target=f"{PLUGINS}/planted.py:fp16_overflow_in_layer2_mlp",
+                             isolate=False, level="both")).result
+    # its weights differ too (diverged at layer 2's projections first); the Inf come right after
+    assert res.verdict == "diverged" and res.first_nan is not None
+    [f] = res.nan_hunt["findings"]
+    assert (f["origin"], f["op"], f["module"]) == ("op", "aten::mul.Tensor", "model.layers.2.mlp")
+    md = (Path(tmp_path) / "run" / "report.md").read_text()
+    assert "## Where NaN / Inf are born" in md and "born at aten::mul.Tensor in model.layers.2.mlp" in md
+    assert "born at aten::mul.Tensor" in (Path(tmp_path) / "run" / "report.html").read_text()
+    summary = json.loads((Path(tmp_path) / "run" / "summary.json").read_text())
+    assert summary["nan_hunt"]["findings"][0]["op"] == "aten::mul.Tensor"

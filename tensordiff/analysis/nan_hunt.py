@@ -265,15 +265,18 @@ def _param_grads(model, result: NanHuntResult) -> None:
         result.notes.append(f"{len(bad)} of {total} parameter gradients hold NaN / Inf (first: {bad[0]['param']})")
 
 
-def hunt_trace(path) -> NanHuntResult:
+def hunt_trace(path) -> NanHuntResult:  # path: a trace file or an open TraceReader
     """The same question over a finished trace: the first record (execution order) holding NaN / Inf
     whose inputs (the op's ``in.N``, or the module call's ``input.*``) are finite. Element positions
     and boundaries come from the saved tensor where the trace kept data."""
     from tensordiff.analysis.boundary import boundary_signature, first_bad_index
     from tensordiff.trace import open_trace
 
+    from tensordiff.trace import TraceReader
+
     start = time.perf_counter()
-    trace = open_trace(path)
+    trace = path if isinstance(path, TraceReader) else open_trace(path)
+    path = trace.path
     idx = trace.index.sort_values("seq")
     result = NanHuntResult(clean=True, source={"trace": str(path), "complete": trace.complete})
     bad = (idx["nan"].fillna(0) + idx["inf"].fillna(0)) > 0
@@ -324,7 +327,6 @@ def hunt_trace(path) -> NanHuntResult:
             break  # a forward birth explains the backward's
     result.clean = not result.findings
     result.seconds = time.perf_counter() - start
-    trace.close()
     return result
 
 

@@ -9,8 +9,8 @@ import html
 import json
 import math
 
-from tensordiff.render.markdown import (MODULE_COLUMNS, STATE_COLUMNS, load_rows, module_rows, state_rows_text,
-                                       state_summary_line)
+from tensordiff.render.markdown import (MODULE_COLUMNS, STATE_COLUMNS, load_rows, module_rows, nan_section,
+                                       state_rows_text, state_summary_line)
 from tensordiff.render.text import fmt, headline
 
 _CSS = """
@@ -117,6 +117,9 @@ def render_html(result) -> str:
         body.append(f"<h2>Checkpoint load ({_e(result.load.get('class'))})</h2>")
         body.append(_table(("tensor", "name"), loaded) if loaded else
                     "<p>every tensor of the model was in the checkpoint, and nothing else</p>")
+    nan_lines = nan_section(result)
+    if nan_lines:
+        body += [f"<h2>{_e(nan_lines[1][3:])}</h2>", f"<pre>{_e(chr(10).join(nan_lines[4:-1]))}</pre>"]
     body += ["<h2>Counts</h2>", _table(("what", "number"), list(result.counts.items()))]
     if result.timing:
         body += ["<h2>Timing</h2>", _table(("what", "value"), [(k, fmt(v) if isinstance(v, float) else v)

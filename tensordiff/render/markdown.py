@@ -57,6 +57,17 @@ def state_section(result) -> list[str]:
     return out
 
 
+def nan_section(result) -> list[str]:
+    """Where the target's NaN / Inf were born, from its trace (the nan-hunt lines)."""
+    if not result.nan_hunt or not result.nan_hunt.get("findings"):
+        return []
+    from tensordiff.render.nan_report import finding_lines
+
+    lines = [line for f in result.nan_hunt["findings"] for line in finding_lines(f)]
+    return ["", "## Where NaN / Inf are born (target trace; `tensordiff nan-hunt` on the model names the op "
+                "inside a module)", "", "```"] + lines + ["```"]
+
+
 def render_markdown(result) -> str:
     out = ["# tensordiff report", ""]
     out += [f"**{_cell(line)}**" if i == 0 else f"- {_cell(line)}" for i, line in enumerate(headline(result))]
@@ -77,6 +88,7 @@ def render_markdown(result) -> str:
                 "| " + " | ".join(MODULE_COLUMNS) + " |", "|" + "---|" * len(MODULE_COLUMNS)]
         out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in back]
     out += state_section(result)
+    out += nan_section(result)
     counts = result.counts
     out += ["", "## Counts", "", "| what | number |", "|---|---|"]
     out += [f"| {_cell(k)} | {_cell(v)} |" for k, v in counts.items()]

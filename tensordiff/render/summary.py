@@ -1,7 +1,8 @@
 """summary.json: the stable, documented machine-readable result (see README, "summary.json").
 
 Top-level keys: schema_version, verdict, culprit, first_divergence, first_nan, crash, tolerances,
-timing, counts, unmatched, modules (the amplification table), records (per-record metrics), meta.
+timing, counts, unmatched, modules (the amplification table), records (per-record metrics), meta,
+nan_hunt (where the target's NaN / Inf were born, schema tensordiff-nan-hunt/1; null without any).
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ def summary_dict(result) -> dict:
         "backward_modules": backward,
         "state": result.state.to_dict(),
         "load": result.load,
+        "nan_hunt": result.nan_hunt,
         "records": records,
         "meta": {"reference": result.reference, "target": result.target, **result.meta},
     })
