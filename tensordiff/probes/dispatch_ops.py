@@ -1,4 +1,7 @@
-"""Op-level probe: every aten op under a TorchDispatchMode, inside the innermost module scope.
+"""Op-level probe: every aten op under a TorchDispatchMode, inside the innermost module scope, as an
+event delivered to observers (the shape of ``tensordiff.observers.events``): ``OpReplay`` gives each
+output its local error (and the layout experiment), ``OpRecorder`` writes the records. A new op-level
+analysis is one more observer, not a branch in the dispatch mode.
 
 Each op gets records for its tensor inputs (``in.N``, taken *before* the op runs, so an in-place op's
 destination shows its old value) and outputs (``out.N``), with strides, storage offset and contiguity:
@@ -10,10 +13,13 @@ their data: about 40% of ops are views, and their data is captured anyway where 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from tensordiff.observers.events import Needs, Observer
 from tensordiff.probes.replay import (LOW_PRECISION, dtypes_of, layout_experiment, local_error, output_tensors,
                                       replayable)
 from tensordiff.probes.session import CaptureSession
@@ -28,10 +34,93 @@ def op_short_name(func) -> str:
     return name[:-8] if name.endswith(".default") else name
 
 
-class OpProbe(TorchDispatchMode):
+@dataclass
+class TraceOp:
+    """One op of a traced run: its record fields (``base``), key prefix and, filled by observers on
+    the way, per-output extra fields (``extra[i]``: local error, floor, layout experiment)."""
+    func: object
+    prefix: str
+    base: dict
+    is_view: bool
+    direction: str
+    extra: dict = field(default_factory=dict)
+    scratch: dict = field(default_factory=dict)  # an observer's own state between start and end
+
+
+class OpReplay(Observer):
+    """Runs each forward op again on the reference with the target's inputs: local error per output,
+    the noise floor for a low-precision output over budget, and the layout experiment."""
+    needs = Needs(ops=True, inputs_before=True)
+
     def __init__(self, session: CaptureSession):
+        self.session = session
+        self.replayer = session.replayer
+
+    def on_op_start(self, op: TraceOp, args, kwargs) -> None:
+        if op.direction != "forward" or not replayable(op.func):
+            return
+        op.scratch["ref_in"] = self.session.quietly(self.replayer.to_reference, (args, kwargs))
+        op.scratch["dtypes"] = dtypes_of((args, kwargs))
+
+    def on_op(self, op: TraceOp, args, kwargs, out) -> None:
+        if "ref_in" not in op.scratch:
+            return
+        session, replayer = self.session, self.replayer
+        ref_in = op.scratch["ref_in"]
+        ref_out = output_tensors(session.quietly(replayer.run_op, op.func, ref_in))
+        for i, item in enumerate(output_tensors(out)):
+            if i >= len(ref_out):
+                break
+            local = session.quietly(local_error, item, ref_out[i])
+            if local is None:
+                continue
+            extra = op.extra.setdefault(i, {})
+            extra["local_rel_l2"], extra["local_max_abs"] = local
+            budget = replayer.budget(f"{op.prefix}/out.{i}", item)
+            if i == 0 and local[0] > budget:
+                if item.dtype in LOW_PRECISION:
+                    floor = session.quietly(replayer.op_floor, op.func, ref_in, op.scratch["dtypes"], ref_out[0])
+                    if floor is not None:
+                        extra["local_floor_rel_l2"] = floor
+                verdict = session.quietly(layout_experiment, op.func, args, kwargs, ref_out[0], budget)
+                if verdict:
+                    extra["layout_experiment"] = verdict
+
+
+class OpRecorder(Observer):
+    """Writes the op's input records before it runs and its output records after, with whatever
+    the observers before it put in ``op.extra``."""
+    needs = Needs(ops=True, inputs_before=True)
+
+    def __init__(self, session: CaptureSession):
+        self.session = session
+
+    def on_op_start(self, op: TraceOp, args, kwargs) -> None:
+        slot = 0
+        for item in tree_flatten((args, kwargs))[0]:
+            if isinstance(item, torch.Tensor):
+                self.session.emit({**op.base, "key": f"{op.prefix}/in.{slot}", "slot": f"in.{slot}"}, item,
+                                  save_data=False if op.is_view else None)
+                slot += 1
+
+    def on_op(self, op: TraceOp, args, kwargs, out) -> None:
+        for i, item in enumerate(output_tensors(out)):
+            rec = {**op.base, "key": f"{op.prefix}/out.{i}", "slot": f"out.{i}", **op.extra.get(i, {})}
+            self.session.emit(rec, item, save_data=False if op.is_view else None)
+
+
+class OpProbe(TorchDispatchMode):
+    """The op event source: names each op in the session's innermost module scope, leaves a crash
+    breadcrumb, and delivers it to the observers (by default: replay when the session has a
+    replayer, then the recorder)."""
+
+    def __init__(self, session: CaptureSession, observers: list | None = None):
         super().__init__()
         self.session = session
+        if observers is None:
+            observers = ([OpReplay(session)] if session.replayer is not None else []) + [OpRecorder(session)]
+        self.observers = observers
+        self._early = [o for o in observers if o.needs.inputs_before]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -41,43 +130,19 @@ class OpProbe(TorchDispatchMode):
         module, scope = session.current_scope()
         index = session.op_counts[scope]
         session.op_counts[scope] = index + 1
-        short = op_short_name(func)
         base = {"kind": "op", "direction": session.direction, "module": module, "scope": scope,
                 "call": int(scope.rsplit("#", 1)[1]), "op": func.name(), "op_index": index,
                 "source": user_source_line()}
         if session.drilling:
             base["drill"] = True
-        prefix = f"{scope}/op{index:04d}.{short}"
-        session.progress(f"{prefix}\t{base['source']}")
-        is_view = bool(getattr(func, "is_view", False))
-        flat_in, _ = tree_flatten((args, kwargs))
-        slot = 0
-        for item in flat_in:
-            if isinstance(item, torch.Tensor):
-                session.emit({**base, "key": f"{prefix}/in.{slot}", "slot": f"in.{slot}"}, item,
-                             save_data=False if is_view else None)
-                slot += 1
-        replayer = session.replayer if session.direction == "forward" and replayable(func) else None
-        ref_in = session.quietly(replayer.to_reference, (args, kwargs)) if replayer else None
-        dtypes = dtypes_of((args, kwargs)) if replayer else None
+        op = TraceOp(func, f"{scope}/op{index:04d}.{op_short_name(func)}", base,
+                     bool(getattr(func, "is_view", False)), session.direction)
+        session.progress(f"{op.prefix}\t{base['source']}")
+        for obs in self._early:
+            obs.on_op_start(op, args, kwargs)
         out = func(*args, **kwargs)
-        ref_out = output_tensors(session.quietly(replayer.run_op, func, ref_in)) if replayer else []
-        for i, item in enumerate(output_tensors(out)):
-            rec = {**base, "key": f"{prefix}/out.{i}", "slot": f"out.{i}"}
-            if i < len(ref_out):
-                local = session.quietly(local_error, item, ref_out[i])
-                if local is not None:
-                    rec["local_rel_l2"], rec["local_max_abs"] = local
-                    budget = replayer.budget(rec["key"], item)
-                    if i == 0 and local[0] > budget:
-                        if item.dtype in LOW_PRECISION:
-                            floor = session.quietly(replayer.op_floor, func, ref_in, dtypes, ref_out[0])
-                            if floor is not None:
-                                rec["local_floor_rel_l2"] = floor
-                        verdict = session.quietly(layout_experiment, func, args, kwargs, ref_out[0], budget)
-                        if verdict:
-                            rec["layout_experiment"] = verdict
-            session.emit(rec, item, save_data=False if is_view else None)
+        for obs in self.observers:
+            obs.on_op(op, args, kwargs, out)
         return out
 
 
