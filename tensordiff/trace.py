@@ -25,7 +25,7 @@ records or 0.2 s; every record in synchronous mode, used for targets that may cr
 ``complete`` stays False so the reader reports the trace partial.
 
     with TraceWriter("ref.h5", {"model": "qwen"}) as w:
-        w.write(record_dict, snapshot)
+        w.add({"module": "model.norm", "slot": "output.0"}, tensor)   # or w.write(record, snapshot)
     trace = open_trace("ref.h5"); trace.index; trace.tensor("model.norm/forward#0/output.0")
 """
 from __future__ import annotations
@@ -41,10 +41,7 @@ import torch
 
 from tensordiff.errors import TensordiffError
 
-FORMAT = "tensordiff-trace"
-SCHEMA_VERSION = 2
-INDEX_FIELDS = ("key", "seq", "kind", "direction", "module", "call", "scope", "op", "op_index", "slot",
-                "source", "shape", "dtype", "device", "stride", "storage_offset", "contiguous", "has_data")
+from tensordiff.schema import FORMAT, INDEX_FIELDS, SCHEMA_VERSION, STAT_NAMES, module_record  # noqa: F401
 
 # torch dtypes numpy cannot hold: stored as the same-width unsigned integer, bit for bit.
 _BIT_STORED = {
@@ -72,13 +69,6 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     if t.dtype in _BIT_STORED:
         return t.view(torch.uint16 if t.element_size() == 2 else torch.uint8).numpy()
     return t.numpy()
-
-
-def module_record(module: str, direction: str, call: int, slot: str, source: str = "") -> dict:
-    """The index fields of a module record (the key schema of this file's docstring)."""
-    scope = f"{module}/{direction}#{call}"
-    return {"key": f"{scope}/{slot}", "kind": "module", "direction": direction, "module": module,
-            "call": call, "scope": scope, "op": "", "op_index": -1, "slot": slot, "source": source}
 
 
 def _is_contiguous(shape, stride) -> bool:
@@ -120,7 +110,8 @@ class TraceWriter:
         self._compression = compression
         self._file.flush()
         self.count = 0
-        self._seq_of: dict[str, int] = {}  # key -> seq, to resolve aliases
+        self._seq_of: dict[str, int] = {}  # key -> seq, to resolve aliases (the writer thread's)
+        self._added: set[str] = set()      # keys given to add() (the caller's thread)
         self._stats_by_seq: dict[int, np.ndarray] = {}
         self._has_data_by_seq: dict[int, bool] = {}
         self._rows_pending: list = []  # (index JSON, stats) not yet committed to the file
@@ -160,6 +151,22 @@ class TraceWriter:
                 self._cond.wait()
             self._pending_bytes += nbytes
         self._queue.put((record, snap, nbytes))
+
+    def add(self, record: dict, tensor: torch.Tensor, save: bool = True) -> None:
+        """The plain record-adding API (importers of foreign dumps, tests): ``record`` holds index
+        fields (``schema.py``; at least ``module`` and ``slot``, or a ``key``), the tensor's layout
+        and stats are computed here, its data saved unless ``save=False``."""
+        from tensordiff.probes.snapshot import snapshot
+
+        if "key" not in record and not {"module", "slot"} <= set(record):
+            raise TensordiffError(f"{self.path}: a record needs a key, or a module and a slot: {record}")
+        base = module_record(record.get("module", ""), record.get("direction", "forward"),
+                             int(record.get("call", 0)), record.get("slot", ""), record.get("source", ""))
+        rec = {**base, **record}
+        if rec["key"] in self._added:
+            raise TensordiffError(f"{self.path}: record {rec['key']!r} is already in the trace")
+        self._added.add(rec["key"])
+        self.write(rec, snapshot(tensor.detach().cpu(), save_data=save))
 
     def write_block(self, records, parts: list) -> None:
         """Queue a block of module records from the fast GPU stats path (probes/session.emit_module):
@@ -359,8 +366,6 @@ class TraceReader:
             for name in INDEX_FIELDS:  # an empty trace still has every documented column
                 if name not in df.columns:
                     df[name] = pd.Series(dtype=object)
-            from tensordiff.probes.snapshot import STAT_NAMES
-
             for i, name in enumerate(STAT_NAMES):
                 df[name] = stats[:n, i]
             self._index_df = df.set_index("key", drop=False)

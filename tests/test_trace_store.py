@@ -132,3 +132,26 @@ def test_schema_1_files_still_read(tmp_path):
         f.create_dataset("stats", data=np.zeros((1, 9)))
         f.create_group("data").create_dataset("0000000", data=t.view(torch.uint16).numpy()).attrs["dtype"] = "bfloat16"
     assert torch.equal(open_trace(tmp_path / "v1.h5").tensor("m/forward#0/output.0"), t)
+
+
+def test_plain_add_api_builds_traces_the_diff_reads(tmp_path):
+    """What an importer of a foreign dump does: tensors by module and slot, no probes."""
+    import torch
+
+    from tensordiff.diff import diff
+    from tensordiff.errors import TensordiffError
+    from tensordiff.trace import TraceWriter, open_trace
+
+    torch.manual_seed(0)
+    acts = {f"layers.{i}": torch.randn(4, 8) for i in range(3)}
+    for name, scale in (("ref", 1.0), ("tgt", 1.5)):
+        with TraceWriter(tmp_path / f"{name}.h5", {"role": name}) as w:
+            for i, (module, t) in enumerate(acts.items()):
+                w.add({"module": module, "slot": "output.0"}, t * (scale if i == 1 else 1.0))
+            with pytest.raises(TensordiffError, match="already in the trace"):
+                w.add({"module": "layers.0", "slot": "output.0"}, t)
+    trace = open_trace(tmp_path / "ref.h5")
+    assert torch.equal(trace.tensor("layers.2/forward#0/output.0"), acts["layers.2"])
+    assert trace.row("layers.1/forward#0/output.0")["max"] == pytest.approx(float(acts["layers.1"].max()))
+    result = diff(tmp_path / "ref.h5", tmp_path / "tgt.h5")
+    assert result.verdict == "diverged" and result.first_divergence["module"] == "layers.1"

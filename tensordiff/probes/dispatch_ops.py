@@ -23,6 +23,7 @@ from tensordiff.observers.events import Needs, Observer
 from tensordiff.probes.replay import (LOW_PRECISION, dtypes_of, layout_experiment, local_error, output_tensors,
                                       replayable)
 from tensordiff.probes.session import CaptureSession
+from tensordiff.schema import op_prefix
 from tensordiff.source_lines import user_source_line
 
 # Ops whose only job is metadata or that tensordiff itself never needs to compare.
@@ -135,7 +136,7 @@ class OpProbe(TorchDispatchMode):
                 "source": user_source_line()}
         if session.drilling:
             base["drill"] = True
-        op = TraceOp(func, f"{scope}/op{index:04d}.{op_short_name(func)}", base,
+        op = TraceOp(func, op_prefix(scope, index, op_short_name(func)), base,
                      bool(getattr(func, "is_view", False)), session.direction)
         session.progress(f"{op.prefix}\t{base['source']}")
         for obs in self._early:

@@ -23,9 +23,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from tensordiff.probes import fused_stats
 from tensordiff.probes.gpu_stats import StatsBatcher
 from tensordiff.probes.snapshot import Snapshot, snapshot, tensor_layout
-from tensordiff.trace import module_record
+from tensordiff.schema import ROOT, module_record  # noqa: F401 (ROOT: re-exported)
 
-ROOT = "__root__"
 BLOCK_RECORDS = 1024  # fast GPU stats: records per stats buffer and per writer block
 def _version(t: torch.Tensor) -> int | None:
     """The tensor's in-place version counter (None where it has none, e.g. inference tensors)."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-STAT_NAMES = ("min", "max", "mean", "mean_abs", "std", "l2", "nan", "inf", "zero")
+from tensordiff.schema import STAT_NAMES  # noqa: E402,F401 (the stats vector's layout)
 
 
 def tensor_layout(t: torch.Tensor) -> dict:
