@@ -150,12 +150,7 @@ class EventSource:
         return self
 
     def __exit__(self, *exc):
-        for mod, own in self._wrapped:
-            if own is None:
-                mod.__dict__.pop("forward", None)
-            else:
-                mod.forward = own
-        self._wrapped.clear()
+        restore_forwards(self._wrapped)
         return False
 
     @contextlib.contextmanager
@@ -173,6 +168,16 @@ class EventSource:
                     yield
         finally:
             self.direction = "forward"
+
+
+def restore_forwards(wrapped: list) -> None:
+    """Undo instance-level ``forward`` wrappers: (module, the instance's own forward or None) pairs."""
+    for mod, own in wrapped:
+        if own is None:
+            mod.__dict__.pop("forward", None)
+        else:
+            mod.forward = own
+    wrapped.clear()
 
 
 _SELECTIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

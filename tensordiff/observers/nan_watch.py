@@ -100,13 +100,6 @@ class NanScreen(Observer):
         if event.slots:
             self.events.append(event)
 
-    def _inside(self, call) -> bool:
-        while call is not None:
-            if call.scope == self.scope:
-                return True
-            call = call.parent
-        return False
-
     def on_module_enter(self, call, args, kwargs):
         event = ScreenEvent("enter", call)
         for slot, t in list(flatten_tensors(args, "input")) + list(flatten_tensors(kwargs, "input")):
@@ -214,14 +207,7 @@ class NanTracer(Observer):
     def _in_scope(self, op: OpCall) -> bool:
         if op.direction != self.direction:
             return False
-        if self.direction == "backward" or self.scope is None:
-            return True
-        call = op.module
-        while call is not None:
-            if call.scope == self.scope:
-                return True
-            call = call.parent
-        return False
+        return self.direction == "backward" or self.scope is None or self._inside(op.module)
 
     def _inside(self, call) -> bool:
         while call is not None:

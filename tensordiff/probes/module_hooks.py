@@ -127,12 +127,9 @@ class ModuleProbe:
         return self
 
     def __exit__(self, *exc):
-        for mod, own in self._wrapped:
-            if own is None:
-                mod.__dict__.pop("forward", None)
-            else:
-                mod.forward = own
-        self._wrapped.clear()
+        from tensordiff.observers.events import restore_forwards
+
+        restore_forwards(self._wrapped)
         for h in self._handles:
             h.remove()
         self._handles.clear()
