@@ -147,15 +147,24 @@ def nan_hunt(
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON (schema "
                                                         "tensordiff-nan-hunt/1, see README)."),
     out: Optional[Path] = typer.Option(None, help="Also write nan_hunt.json, nan_hunt.md, nan_hunt.html here."),
+    isolate: bool = typer.Option(True, help="Run the model in a child process: a target that crashes "
+                                            "(segfault, abort) is reported, not fatal."),
 ):
     """Find where NaN / Inf values are born: op, module, source line, element, experts. No reference
-    needed. Exit 1 when non-finite values were found, 0 when clean."""
+    needed. Exit 1 when non-finite values were found (or the target crashed), 0 when clean."""
     import json
 
     from tensordiff.errors import TensordiffError
 
     if bisect not in ("auto", "always", "never"):
         raise TensordiffError(f"unknown --bisect {bisect!r}; choose auto, always or never")
+    if isolate and trace_file is None:
+        args = ["--model", model, "--target", target, "--fault", fault, "--size", size, "--batch", str(batch),
+                "--seq-len", str(seq_len), "--seed", str(seed), "--bisect", bisect,
+                *(["--model-class", model_class] if model_class else []), *(["--backward"] if backward else []),
+                *(["--neg-inf-is-bad"] if neg_inf else []), *(["--json"] if json_out else []),
+                *(["--out", str(out)] if out is not None else [])]
+        raise typer.Exit(_nan_hunt_isolated(args, json_out, out))
     from tensordiff import progress
 
     with progress.shown(verbose=_state.get("verbose", False)):
@@ -190,6 +199,34 @@ def nan_hunt(
         for line in nan_lines(result):
             typer.echo(line)
     raise typer.Exit(EXIT_MATCH if result.clean else EXIT_FOUND)
+
+
+def _nan_hunt_isolated(args: list[str], json_out: bool, out: Optional[Path]) -> int:
+    """``nan-hunt ... --no-isolate`` in a child; its output passes through, its death by a signal
+    becomes a one-line crash report (exit 1)."""
+    import json
+    import signal
+    import subprocess
+
+    cmd = [sys.executable, "-m", "tensordiff", *(["--verbose"] if _state.get("verbose") else []),
+           *(["--debug"] if _state.get("debug") else []), "nan-hunt", *args, "--no-isolate"]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode >= 0:
+        sys.stdout.write(proc.stdout)
+        sys.stderr.write(proc.stderr)
+        return proc.returncode
+    why = f"killed by signal {signal.Signals(-proc.returncode).name}"
+    tail = [line for line in proc.stderr.splitlines() if line.strip()][-3:]
+    doc = {"schema": "tensordiff-nan-hunt/1", "clean": False, "crash": {"reason": why, "stderr_tail": tail}}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "nan_hunt.json").write_text(json.dumps(doc, indent=1))
+    if json_out:
+        typer.echo(json.dumps(doc, indent=1))
+    else:
+        typer.echo(f"CRASHED: the target process was {why} during nan-hunt" + (f": {tail[-1]}" if tail else ""))
+        typer.echo("(tensordiff trace on the same target writes a crash report naming the last op started)")
+    return EXIT_FOUND
 
 
 @app.command()

@@ -212,3 +212,14 @@ def test_nan_hunt_on_the_device_is_clean_forward_and_backward():
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(proc.stdout)
     assert doc["clean"] and doc["screened"]["tensors"] > 20 and doc["screened"]["backward_ops"] > 100
+
+
+def test_nan_hunt_survives_a_crashing_target(tmp_path):
+    from tests.test_cli import run_cli
+
+    proc = run_cli("nan-hunt", "--target", "echo_npu", "--fault", "alloc-round-up", "--seq-len", "32",
+                   "--out", str(tmp_path))
+    assert proc.returncode == 1 and proc.stdout.startswith("CRASHED: the target process was killed by signal")
+    assert "Traceback" not in proc.stdout + proc.stderr
+    doc = json.loads((tmp_path / "nan_hunt.json").read_text())
+    assert doc["crash"]["reason"].startswith("killed by signal") and doc["clean"] is False
