@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-ROOT = "__root__"
+from tensordiff.schema import ROOT
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,7 @@ from collections import defaultdict
 import torch
 
 from tensordiff.analysis.boundary import describe_indices
-
-ROOT = "__root__"
+from tensordiff.schema import ROOT
 
 
 def _parent(name: str) -> str:
