@@ -40,7 +40,8 @@ def _fingerprint(t: torch.Tensor) -> float | None:
         return None
     d = t.detach()
     try:  # numpy's sum has a quarter of a torch op's overhead; this runs twice per op-level record
-        return float(d.numpy().sum(dtype=np.float64))
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is a fine fingerprint: NaN
+            return float(d.numpy().sum(dtype=np.float64))
     except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16)
         return float(torch.sum(d, dtype=torch.float64))
 
