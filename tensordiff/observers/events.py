@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -64,7 +64,6 @@ class OpCall:
     direction: str
     module: ModuleCall | None
     node: object = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:

@@ -56,6 +56,9 @@ class ExpertTracker:
     def enter(self, call) -> None:
         if call.name in self.fused:
             self._slice.pop(call.scope, None)
+        head, _, last = call.name.rpartition(".")
+        if last.isdigit() and head in self.lists:
+            self.ran[head].add(int(last))
 
     def leave(self, call) -> None:
         self._slice.pop(call.scope, None)
@@ -69,9 +72,8 @@ class ExpertTracker:
         if name == "aten::topk" and args and isinstance(args[0], torch.Tensor) and args[0].ndim >= 1:
             self._router(op, int(args[0].shape[-1]), int(args[1]) if len(args) > 1 else 1)
             return
-        if not self._slice_candidates(op) or not args or not isinstance(args[0], torch.Tensor):
-            return
-        self._fused_slice(op, args, out)
+        if args and isinstance(args[0], torch.Tensor):
+            self._fused_slice(op, args, out)
 
     def _router(self, op, n: int, k: int) -> None:
         chain = []
@@ -86,18 +88,13 @@ class ExpertTracker:
             if size == n and _parent(container) in names and not inside:
                 self.confirmed.add(container)
 
-    def _slice_candidates(self, op) -> bool:
-        call = op.module
-        while call is not None:
-            if call.name in self.fused:
-                return True
-            call = call.parent
-        return False
-
     def _fused_slice(self, op, args, out) -> None:
+        """An op inside a fused container that takes one expert's slice of its 3-D parameter."""
         call = op.module
         while call is not None and call.name not in self.fused:
             call = call.parent
+        if call is None:
+            return
         n, params = self.fused[call.name]
         src = args[0]
         hit = params.get(src.data_ptr())
@@ -123,7 +120,6 @@ class ExpertTracker:
                 return call.name, self._slice[call.scope]
             head, _, last = call.name.rpartition(".")
             if last.isdigit() and head in self.confirmed and head in self.lists:
-                self.ran[head].add(int(last))
                 return head, int(last)
             after = self._after.get(call.scope)
             if after is not None and after[0] in self.confirmed:
