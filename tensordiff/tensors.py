@@ -25,3 +25,11 @@ def flatten_tensors(obj, prefix: str, depth: int = 0):
             return
         for k, item in items:
             yield from flatten_tensors(item, f"{prefix}.{k}", depth + 1)
+
+
+def clone_tensors(obj):
+    """The same structure with every tensor detached and copied by its own clone op (not deepcopy:
+    a device under test may lack the storage copy deepcopy uses)."""
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, obj)

@@ -19,6 +19,7 @@ Coarse to fine, so a clean run costs little:
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -91,9 +92,9 @@ def _fresh(inputs):
     """A copy of the inputs made by each tensor's own clone op: deepcopy goes through storage copies,
     which a device under test may not implement (echo_npu's crashes)."""
     from tensordiff.models import Inputs
-    from tensordiff.observers.nan_watch import _clone_tree
+    from tensordiff.tensors import clone_tensors
 
-    return Inputs(*_clone_tree((inputs.args, inputs.kwargs)))
+    return Inputs(*clone_tensors((inputs.args, inputs.kwargs)))
 
 
 def _output_summary(screen: NanScreen) -> dict:
@@ -171,7 +172,7 @@ def bisect_experts(module: torch.nn.Module, kept: tuple, n: int, k: int,
     """Re-run one MoE layer on its recorded inputs with routing restricted to subsets of its ``n``
     experts, halving the subsets that still give NaN / Inf. A subset smaller than top-k is padded with
     experts already proven clean."""
-    from tensordiff.observers.nan_watch import _clone_tree
+    from tensordiff.tensors import clone_tensors
 
     runs = 0
     clean: set[int] = set()
@@ -185,7 +186,7 @@ def bisect_experts(module: torch.nn.Module, kept: tuple, n: int, k: int,
                 return None
             allowed |= set(pad)
         runs += 1
-        args, kwargs = _clone_tree(kept)
+        args, kwargs = clone_tensors(kept)
         with torch.no_grad(), _RestrictRouting(n, allowed):
             out = module(*args, **kwargs)
         return sum(int((~torch.isfinite(t)).sum()) for _, t in flatten_tensors(out, "out") if t.is_floating_point())
@@ -307,7 +308,7 @@ def hunt_trace(path) -> NanHuntResult:  # path: a trace file or an open TraceRea
             f = {"direction": direction, "origin": "earlier" if inputs_bad else "op", "key": row["key"],
                  "op": row["op"] or f"{row['module']} ({row['kind']})", "module": row["module"],
                  "scope": row["scope"], "source": row.get("source") or "", "slot": slot,
-                 "shape": list(row["shape"]), "dtype": row["dtype"], "numel": int(_numel(row["shape"])),
+                 "shape": list(row["shape"]), "dtype": row["dtype"], "numel": math.prod(int(x) for x in row["shape"]),
                  "nan": int(row["nan"]), "inf": int(row["inf"]),
                  "inputs": [{"slot": r["slot"], "shape": list(r["shape"]), "dtype": r["dtype"],
                              "nonfinite": int(r["nan"] + r["inf"]), "min": r["min"], "max": r["max"]}
@@ -329,9 +330,3 @@ def hunt_trace(path) -> NanHuntResult:  # path: a trace file or an open TraceRea
     result.seconds = time.perf_counter() - start
     return result
 
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n

@@ -31,7 +31,7 @@ from tensordiff.analysis.boundary import boundary_signature, first_bad_index
 from tensordiff.observers.events import ModuleCall, Needs, Observer, OpCall
 from tensordiff.observers.experts import ExpertTracker
 from tensordiff.source_lines import user_source_line
-from tensordiff.tensors import flatten_tensors
+from tensordiff.tensors import clone_tensors, flatten_tensors
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -220,7 +220,7 @@ class NanTracer(Observer):
         self.experts.enter(call)
         if call.scope in self.keep_inputs_of or (self.keep_composites and call.name in self._composite
                                                  and self._inside(call)):
-            self.kept_inputs[call.scope] = _clone_tree((args, kwargs))
+            self.kept_inputs[call.scope] = clone_tensors((args, kwargs))
 
     def on_module_leave(self, call, output):
         self.experts.leave(call)
@@ -327,9 +327,3 @@ class NanTracer(Observer):
 def _first(t: torch.Tensor) -> int | None:
     found = first_bad_index(~torch.isfinite(t.detach()))
     return found[0] if found else None
-
-
-def _clone_tree(obj):
-    from torch.utils._pytree import tree_map
-
-    return tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, obj)
