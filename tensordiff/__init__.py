@@ -4,7 +4,7 @@
     tensordiff.capture(model, inputs, "ref.h5", level="both")
     trace = tensordiff.open_trace("ref.h5"); trace.index.head()
 """
-__version__ = "0.1.0"
+from tensordiff.version import __version__  # noqa: F401
 
 
 def capture(*args, **kwargs):

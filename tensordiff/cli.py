@@ -74,16 +74,21 @@ def _exit_for(verdict: str) -> int:
 @app.command()
 def trace(
     model: str = typer.Option("qwen", help="qwen | qwen-moe | local dir / HF id in the local cache | file.py:NAME"),
-    target: str = typer.Option("echo_npu", help="Target backend: echo_npu, cpu, cpu-bf16, cpu-fp16, "
-                                                "cuda[-bf16|-fp16], file.py:NAME, or an installed entry point."),
-    fault: str = typer.Option("none", help="echo_npu fault mode (see `tensordiff faults`)."),
-    isolate: bool = typer.Option(True, help="Run the target in a child process (survives crashes)."),
+    target: str = typer.Option("echo_npu", help="Target backend: echo_npu, kt_moe, flash_attn, cpu, cpu-bf16, "
+                                                "cpu-fp16, cuda[-bf16|-fp16], file.py:NAME, or an installed "
+                                                "entry point."),
+    fault: str = typer.Option("none", help="echo_npu / kt_moe fault mode (see `tensordiff faults`)."),
+    isolate: Optional[bool] = typer.Option(None, "--isolate/--no-isolate",
+                                           help="Run the target in a child process (survives crashes). "
+                                                "Default: isolated for echo_npu, device:, plugin and "
+                                                "entry-point targets; in process for the built-in cpu* / "
+                                                "cuda* targets (torch's own kernels)."),
     reference: Optional[str] = typer.Option(None, help="Reference backend (default: cpu; cuda for a cuda "
                                                      "target, fp32 on the same GPU)."),
     model_class: Optional[str] = typer.Option(None, help="transformers class to load a checkpoint with "
                                               "(default: the class its config.json declares)."),
     out: Path = typer.Option(Path("runs/latest"), help="Output directory."),
-    size: str = typer.Option("tiny", help="Built-in model size: tiny | small | 0.5b (Qwen3-0.6B shape)."),
+    size: str = typer.Option("tiny", help="Built-in model size: tiny | small | 0.5b (Qwen3-0.6B shape) | wide (qwen-moe at MoE-kernel size)."),
     batch: int = typer.Option(1, help="Batch size of the generated inputs."),
     seq_len: int = typer.Option(128, help="Sequence length of the generated inputs."),
     seed: int = typer.Option(0, help="Seed for weights and inputs."),
@@ -103,6 +108,13 @@ def trace(
                                                 "the target's error to fp64 clearly exceeds that noise floor."),
     tol: Optional[list[str]] = typer.Option(None, "--tol", help="Per-record tolerance: 'PATTERN=REL_L2' or "
                                             "'PATTERN=ATOL,RTOL,REL_L2' (fnmatch on keys; repeatable)."),
+    guard: bool = typer.Option(False, "--guard", help="Buffer guard on the target: live buffers sharing "
+                               "memory, sealed buffers changed before they are read, and the op that wrote."),
+    sweep_seq: Optional[str] = typer.Option(None, "--sweep-seq", help="Run the pair at each of these sequence "
+                                            "lengths (4,64,256,1024 or a range 4..4096) and say where it starts "
+                                            "to fail; runs go to OUT/seq_N."),
+    bisect: bool = typer.Option(False, "--bisect", help="With --sweep-seq: narrow the boundary between the "
+                                "largest passing and the first failing length to one position."),
 ):
     """Capture the reference and the target, diff them, write traces and reports into --out."""
     from tensordiff.render.console import render_console
@@ -113,12 +125,28 @@ def trace(
                    seq_len=seq_len, seed=seed, level=level, save=save, backward=backward,
                    module_filter=filter, attention_mask=attention_mask, atol=atol, rtol=rtol, fault=fault,
                    isolate=isolate, judge_fp64=_judge_mode(judge), per_pattern=_parse_tolerances(tol),
-                   replay=replay)
+                   replay=replay, guard=guard)
     import time
 
     from tensordiff import progress
 
     start = time.perf_counter()
+    if sweep_seq is not None:
+        from tensordiff.sweep import parse_lengths, sweep
+
+        lengths = parse_lengths(sweep_seq)
+        with progress.shown(verbose=_state.get("verbose", False)):
+            swept = sweep(job, lengths, bisect=bisect)
+        head = "SWEEP FAILS" if swept.first_failing is not None else "SWEEP PASSES"
+        typer.echo(f"{head}: {swept.text}; {time.perf_counter() - start:.1f} s")
+        for length, run in sorted(swept.runs.items()):
+            typer.echo(f"  seq {length:6d}: {run['verdict']}" + (f" (culprit {run['culprit']})" if run["culprit"] else ""))
+        typer.echo(f"wrote {out}/sweep.json and a run per length in {out}/seq_N")
+        raise typer.Exit(EXIT_FOUND if swept.first_failing is not None else EXIT_MATCH)
+    if bisect:
+        from tensordiff.errors import TensordiffError
+
+        raise TensordiffError("--bisect narrows a --sweep-seq boundary; give --sweep-seq too")
     with progress.shown(verbose=_state.get("verbose", False)):
         outcome = trace_job(job)
     render_console(outcome.result, seconds=time.perf_counter() - start)
@@ -134,7 +162,7 @@ def nan_hunt(
     fault: str = typer.Option("none", help="echo_npu fault mode."),
     trace_file: Optional[Path] = typer.Option(None, "--trace", help="Hunt over an existing trace (.h5) "
                                               "instead of running a model."),
-    size: str = typer.Option("tiny", help="Built-in model size: tiny | small | 0.5b."),
+    size: str = typer.Option("tiny", help="Built-in model size: tiny | small | 0.5b | wide (qwen-moe)."),
     batch: int = typer.Option(1, help="Batch size of the generated inputs."),
     seq_len: int = typer.Option(128, help="Sequence length of the generated inputs."),
     seed: int = typer.Option(0, help="Seed for weights and inputs."),
@@ -149,6 +177,9 @@ def nan_hunt(
     out: Optional[Path] = typer.Option(None, help="Also write nan_hunt.json, nan_hunt.md, nan_hunt.html here."),
     isolate: bool = typer.Option(True, help="Run the model in a child process: a target that crashes "
                                             "(segfault, abort) is reported, not fatal."),
+    guard: bool = typer.Option(False, "--guard", help="Buffer guard: report live buffers that share memory, "
+                               "sealed buffers (kt_moe's staged weights) changed before the kernel reads them, "
+                               "and the op that wrote into them through another buffer."),
 ):
     """Find where NaN / Inf values are born: op, module, source line, element, experts. No reference
     needed. Exit 1 when non-finite values were found (or the target crashed), 0 when clean."""
@@ -158,11 +189,16 @@ def nan_hunt(
 
     if bisect not in ("auto", "always", "never"):
         raise TensordiffError(f"unknown --bisect {bisect!r}; choose auto, always or never")
+    if backward and target == "kt_moe":
+        from tensordiff.backends.kt_moe import BACKWARD_REFUSED
+
+        raise TensordiffError(BACKWARD_REFUSED)
     if isolate and trace_file is None:
         args = ["--model", model, "--target", target, "--fault", fault, "--size", size, "--batch", str(batch),
                 "--seq-len", str(seq_len), "--seed", str(seed), "--bisect", bisect,
                 *(["--model-class", model_class] if model_class else []), *(["--backward"] if backward else []),
                 *(["--neg-inf-is-bad"] if neg_inf else []), *(["--json"] if json_out else []),
+                *(["--guard"] if guard else []),
                 *(["--out", str(out)] if out is not None else [])]
         raise typer.Exit(_nan_hunt_isolated(args, json_out, out))
     from tensordiff import progress
@@ -179,13 +215,24 @@ def nan_hunt(
 
             bundle = load_model(model, size=size, batch=batch, seq_len=seq_len, seed=seed, model_class=model_class)
             backend = get_backend(target, fault)
+            watch = None
+            if guard:
+                from tensordiff import guard as guards
+
+                watch = guards.activate()
             progress.status(f"preparing {backend.name}")
             prepared = backend(bundle.model)
             progress.status("screening a run for NaN / Inf")
-            result = hunt(prepared, backend.inputs(bundle.inputs.clone()), backward=backward, bisect=bisect,
-                          neg_inf_is_bad=neg_inf,
-                          source={"model": model, "target": target, "size": size, "seq_len": seq_len,
-                                  "backward": backward})
+            source = {"model": model, "target": target, "size": size, "seq_len": seq_len, "backward": backward,
+                      **({"fault": fault} if fault != "none" else {}), **({"guard": True} if guard else {})}
+            import contextlib
+
+            with watch if watch is not None else contextlib.nullcontext():
+                result = hunt(prepared, backend.inputs(bundle.inputs.clone()), backward=backward, bisect=bisect,
+                              neg_inf_is_bad=neg_inf, source=source)
+            if watch is not None:
+                result.guard = watch.summary()
+                result.guard_lines = guards.summary_lines(watch.findings)
     from tensordiff.render.nan_report import nan_html, nan_lines, nan_markdown
 
     if out is not None:
@@ -198,7 +245,7 @@ def nan_hunt(
     else:
         for line in nan_lines(result):
             typer.echo(line)
-    raise typer.Exit(EXIT_MATCH if result.clean else EXIT_FOUND)
+    raise typer.Exit(EXIT_MATCH if result.clean and not result.guard else EXIT_FOUND)
 
 
 def _nan_hunt_isolated(args: list[str], json_out: bool, out: Optional[Path]) -> int:
@@ -229,13 +276,65 @@ def _nan_hunt_isolated(args: list[str], json_out: bool, out: Optional[Path]) -> 
     return EXIT_FOUND
 
 
+@app.command("guard")
+def guard_script(
+    script: Path = typer.Argument(..., help="Python script to run with the buffer guard on."),
+    args: Optional[list[str]] = typer.Argument(None, help="Arguments for the script (after --)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
+):
+    """Run SCRIPT with the buffer guard watching every op: tensors it passes to
+    ``tensordiff.guard.watch(tensor, name)`` (and buffers backends register) are reported when a write
+    reaches them through another tensor or they change before their own next write. Exit 1 when
+    something was found, 0 when clean."""
+    import json
+    import runpy
+
+    from tensordiff import guard as guards
+    from tensordiff.errors import TensordiffError
+
+    if not script.is_file():
+        raise TensordiffError(f"guard: script not found: {script}")
+    watch = guards.activate()
+    saved = sys.argv
+    sys.argv = [str(script), *(args or [])]
+    try:
+        with watch:
+            runpy.run_path(str(script), run_name="__main__")
+    except SystemExit:
+        pass
+    except Exception as exc:
+        raise TensordiffError(f"guard: {script} raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    finally:
+        sys.argv = saved
+        guards.deactivate()
+    lines = guards.summary_lines(watch.findings)
+    if json_out:
+        typer.echo(json.dumps({"clean": not lines, "summary": lines, "findings": watch.summary()}, indent=1))
+    else:
+        typer.echo(f"buffer guard: {len(lines)} finding(s)" if lines else
+                   f"CLEAN: buffer guard found nothing ({len(watch.seals)} sealed, {len(watch.live)} live buffers)")
+        for line in lines:
+            typer.echo(f"  {line}")
+    raise typer.Exit(EXIT_FOUND if lines else EXIT_MATCH)
+
+
 @app.command()
 def faults():
-    """List the echo_npu fault modes."""
+    """List the planted fault modes of the echo_npu, kt_moe and flash_attn targets."""
     from tensordiff.backends.echo_npu import FAULTS
+    from tensordiff.backends.kt_moe import FAULTS as KT_FAULTS
 
+    typer.echo("echo_npu:")
     for name, (_, text) in FAULTS.items():
-        typer.echo(f"{name:18s} {text}")
+        typer.echo(f"  {name:18s} {text}")
+    typer.echo("kt_moe:")
+    for name, text in KT_FAULTS.items():
+        typer.echo(f"  {name:18s} {text}")
+    from tensordiff.backends.flash_attn import FAULTS as FA_FAULTS
+
+    typer.echo("flash_attn:")
+    for name, text in FA_FAULTS.items():
+        typer.echo(f"  {name:18s} {text}")
 
 
 FORMATS = ("console", "md", "html", "json")

@@ -78,6 +78,8 @@ def compare(ref: torch.Tensor, tgt: torch.Tensor, tol: Tolerance) -> dict:
     for start in range(0, n, chunk):
         r = _f64(ref[start:start + chunk].to(device))
         t = _f64(tgt[start:start + chunk].to(device))
+        if _accumulate_finite(acc, r, t, start, tol):
+            continue
         fr, ft = torch.isfinite(r), torch.isfinite(t)
         acc["nan_ref"] += int(torch.isnan(r).sum())
         acc["nan_tgt"] += int(torch.isnan(t).sum())
@@ -109,6 +111,37 @@ def compare(ref: torch.Tensor, tgt: torch.Tensor, tol: Tolerance) -> dict:
             rel = d / r.abs().clamp(min=tol.atol)
             acc["max_rel"] = max(acc["max_rel"], float(rel.max()))
     return _finish(acc, n)
+
+
+def _accumulate_finite(acc: dict, r: torch.Tensor, t: torch.Tensor, start: int, tol: Tolerance) -> bool:
+    """The common case, both chunks all finite, in a third of the passes of the masked path (no
+    isfinite / isnan / isinf / where per element: they were two thirds of a 0.6B trace pair's diff).
+    A non-finite value anywhere makes a sum non-finite; then nothing is added and the caller takes
+    the masked path."""
+    d = t - r
+    sums = torch.stack([torch.dot(d, d), torch.dot(r, r), torch.dot(t, t), torch.dot(r, t)])  # BLAS, no temporaries
+    ad = d.abs_()
+    sum_abs = ad.sum()
+    if not bool(torch.isfinite(sums).all() & torch.isfinite(sum_abs)):
+        return False
+    sq_diff, sq_ref, sq_tgt, dot = sums.tolist()
+    acc["n_finite"] += r.numel()
+    acc["sq_diff"] += sq_diff
+    acc["sq_ref"] += sq_ref
+    acc["sq_tgt"] += sq_tgt
+    acc["dot"] += dot
+    acc["sum_abs"] += float(sum_abs)
+    ra = r.abs()  # r may be the caller's own float64 tensor: never in place
+    acc["outside"] += int((ad > tol.atol + tol.rtol * ra).sum())
+    if ad.numel():
+        i = int(ad.argmax())
+        worst = float(ad[i])
+        if worst > acc["max_abs"] or acc["worst"] < 0:
+            acc["max_abs"] = max(acc["max_abs"], worst)
+            if acc["nonfinite_mismatch"] == 0:
+                acc["worst"] = start + i
+        acc["max_rel"] = max(acc["max_rel"], float((ad / ra.clamp_(min=tol.atol)).max()))
+    return True
 
 
 def _compare_device(n: int) -> tuple[torch.device, int]:

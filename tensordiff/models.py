@@ -35,6 +35,10 @@ QWEN_MOE_SIZES = {
                   num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=64),
     "0.5b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, moe_intermediate_size=384,
                  num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=8, head_dim=128),
+    # kernel-sized experts (hidden 1024, 64 experts, top-6) in two layers: what an MoE kernel is judged
+    # at, small enough for the test suite
+    "wide": dict(vocab_size=2048, hidden_size=1024, intermediate_size=2048, moe_intermediate_size=256,
+                 num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, head_dim=128),
 }
 SIZES = tuple(QWEN_SIZES)
 
@@ -77,9 +81,11 @@ def _token_inputs(vocab: int, batch: int, seq_len: int, seed: int, attention_mas
     return Inputs((), kwargs)
 
 
-def _qwen(moe: bool, size: str, seed: int, attn: str, empty: bool = False) -> torch.nn.Module:
-    """A random Qwen3 / Qwen3-MoE. ``empty``: allocated but not initialised (its state is about to be
-    loaded, as in an isolated target's child): a 0.6B model's random init costs ~17 s of CPU."""
+def _qwen(moe: bool, size: str, seed: int, attn: str, empty: bool = False, device: str = "cpu") -> torch.nn.Module:
+    """A random Qwen3 / Qwen3-MoE, initialised on ``device`` (the same seed gives other numbers on a
+    GPU than on the host; every side of a run copies this one model). ``empty``: allocated but not
+    initialised (its state is about to be loaded, as in an isolated target's child): a 0.6B model's
+    random init costs ~17 s of CPU."""
     import transformers
 
     table = QWEN_MOE_SIZES if moe else QWEN_SIZES
@@ -100,7 +106,7 @@ def _qwen(moe: bool, size: str, seed: int, attn: str, empty: bool = False) -> to
         with torch.device("meta"):
             model = cls(config)
         return model.to_empty(device="cpu").eval()
-    with _without_default_init():
+    with _without_default_init(), torch.device(device):
         return cls(config).eval()
 
 
@@ -247,12 +253,13 @@ def _checkpoint_inputs(model, batch: int, seq_len: int, seed: int, attention_mas
 
 def load_model(spec: str = "qwen", size: str = "tiny", batch: int = 1, seq_len: int = 128,
                seed: int = 0, attention_mask: bool = False, attn: str = "sdpa",
-               model_class: str | None = None, empty: bool = False) -> ModelBundle:
-    """``empty``: built-in models come allocated but uninitialised (the caller loads a saved state)."""
+               model_class: str | None = None, empty: bool = False, device: str = "cpu") -> ModelBundle:
+    """``empty``: built-in models come allocated but uninitialised (the caller loads a saved state).
+    ``device``: where a built-in model is built and initialised (checkpoints load on the host)."""
     if batch < 1 or seq_len < 1:
         raise TensordiffError(f"--batch and --seq-len must be positive (got {batch} x {seq_len})")
     if spec in ("qwen", "qwen-moe"):
-        model = _qwen(spec == "qwen-moe", size, seed, attn, empty)
+        model = _qwen(spec == "qwen-moe", size, seed, attn, empty, device)
         inputs = _token_inputs(model.config.vocab_size, batch, seq_len, seed, attention_mask)
         return ModelBundle(model, inputs, spec, {"size": size, "config": model.config.to_diff_dict()})
     if ":" in spec and spec.rsplit(":", 1)[0].endswith(".py"):

@@ -1,5 +1,5 @@
 """What the job is doing now, for a person watching: one status line (rich spinner on a terminal,
-plain lines with --verbose, nothing in a log otherwise). A child process (the isolated target)
+plain lines with --verbose (time since start, peak host memory so far), nothing in a log otherwise). A child process (the isolated target)
 sends its status lines to the parent through the breadcrumb descriptor, so a 40 s extension build
 in the child is visible too.
 
@@ -36,8 +36,8 @@ def shown(tty: bool | None = None, verbose: bool = False):
         import time
 
         start = time.perf_counter()
-        _show = lambda text: print(f"tensordiff [{time.perf_counter() - start:6.1f} s] {text}",  # noqa: E731
-                                   file=sys.stderr, flush=True)
+        _show = lambda text: print(f"tensordiff [{time.perf_counter() - start:6.1f} s, {_peak_rss_gb():5.1f} GB] "  # noqa: E731
+                                   f"{text}", file=sys.stderr, flush=True)
         try:
             yield
         finally:
@@ -51,6 +51,13 @@ def shown(tty: bool | None = None, verbose: bool = False):
             yield
         finally:
             _show = None
+
+
+def _peak_rss_gb() -> float:
+    """This process's peak resident memory so far (a step that needs a lot of host memory shows)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def relay(lines: list[str]) -> None:

@@ -9,7 +9,10 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from tensordiff.backends import get_backend
+from tensordiff.backends.registry import is_builtin
 from tensordiff.diff import DiffResult, diff
 from tensordiff.progress import status
 from tensordiff.model_state import (base_tensors, load_inputs, load_state, save_inputs, save_state,
@@ -41,8 +44,9 @@ class TraceJob:
     fault: str = "none"
     judge_fp64: bool = False
     per_pattern: tuple = ()  # ((fnmatch pattern, Tolerance), ...)
-    isolate: bool = True
+    isolate: bool | None = None  # None: isolate_by_default(target)
     model_class: str | None = None
+    guard: bool = False  # buffer guard on the target (see tensordiff.guard)
     state_dir: str | None = None  # where an isolated child finds the parent's state (default: out)
 
     def __post_init__(self):
@@ -64,6 +68,22 @@ def default_reference(target: str) -> str:
     return "cuda" if target.startswith("cuda") else "cpu"
 
 
+def isolate_by_default(target: str) -> bool:
+    """Targets that run code under test (echo_npu, a PrivateUse1 module, a plugin file or entry point)
+    run in a child process, so that a segfault or abort becomes a crash report. The built-in
+    cpu* / cuda* dtype targets run torch's own kernels: they run in this process, which saves the
+    child's start, imports and state transfer (11 s of a 60 s 0.6B run on the lent H200); a Python
+    exception there is still a crash report (``_capture_in_process``)."""
+    return not is_builtin(target)
+
+
+def build_device(job: TraceJob) -> str:
+    """Where a built-in random model is initialised: on the reference's GPU when the reference runs
+    there (a 0.6B model's seeded init took 12 s on the lent machine's host), else the host."""
+    device = str(get_backend(job.reference).device)
+    return device if device.startswith("cuda") and job.model in ("qwen", "qwen-moe") else "cpu"
+
+
 def write_reports(result: DiffResult, out_dir: Path) -> None:
     from tensordiff.render.summary import summary_json
 
@@ -78,7 +98,8 @@ def _bundle(job: TraceJob, state_from: Path | None = None):
     inputs replace what this process built: both sides start from bit-identical numbers."""
     bundle = load_model(job.model, size=job.size, batch=job.batch, seq_len=job.seq_len, seed=job.seed,
                         attention_mask=job.attention_mask, model_class=job.model_class,
-                        empty=state_from is not None)
+                        empty=state_from is not None,
+                        device="cpu" if state_from is not None else build_device(job))
     if state_from is not None:
         status("loading the reference's model state")
         state, inputs = state_file_paths(state_from)
@@ -89,8 +110,24 @@ def _bundle(job: TraceJob, state_from: Path | None = None):
 
 def capture_role(job: TraceJob, role: str, bundle=None, crash_safe: bool = False) -> dict:
     """Capture one side into OUT/ROLE.h5; returns its timing. Runs in the child for isolated targets."""
+    if role == "target" and job.guard:
+        from tensordiff import guard as guards
+
+        try:
+            return _capture_role(job, role, bundle, crash_safe)
+        finally:
+            guards.deactivate()  # this job's guard: a later job in the process starts without one
+    return _capture_role(job, role, bundle, crash_safe)
+
+
+def _capture_role(job: TraceJob, role: str, bundle=None, crash_safe: bool = False) -> dict:
     bundle = bundle or _bundle(job, state_from=Path(job.state_dir or job.out) if crash_safe else None)
     backend = get_backend(job.reference) if role == "reference" else get_backend(job.target, job.fault)
+    guard = None
+    if role == "target" and job.guard:
+        from tensordiff import guard as guards
+
+        guard = guards.activate()  # before the backend prepares: its buffers are registered and sealed
     status(f"preparing the {role} ({backend.name})")
     model = backend(bundle.model)
     status(f"checking the {role}'s parameters and buffers")
@@ -103,22 +140,74 @@ def capture_role(job: TraceJob, role: str, bundle=None, crash_safe: bool = False
     meta = {"model": job.model, "size": job.size, "seed": job.seed, "inputs": bundle.inputs.describe(),
             "job": asdict(job), "role": role, "backend": backend.describe(),
             "load": bundle.info.get("load"), "state": state}
+    timing = {}
+    # Code under test is captured first: a target that crashes must leave its trace, not die in an
+    # untraced timing run. torch's own kernels are timed first: the timing's warm-up run then also
+    # takes the one-time costs (kernel selection, lazy inits) out of the capture's figure.
+    plain_first = job.time_plain and is_builtin(backend.name)
+    if plain_first:
+        timing.update(_time_plain(job, role, model, inputs))
     status(f"capturing the {role} ({backend.name}{', with replay' if role == 'target' and job.replay else ''})")
-    # Capture first: a target that crashes must leave its trace, not die in an untraced timing run.
+    replay = _replay_model(job, bundle.model) if (role == "target" and job.replay) else None
     result = capture(model, inputs, Path(job.out) / f"{role}.h5", level=job.level, save=job.save,
                      backward=job.backward, module_filter=job.module_filter, metadata=meta,
-                     replay_model=_replay_model(job, bundle.model) if (role == "target" and job.replay) else None,
-                     synchronous=crash_safe, budget=_budget(job))
-    timing = {f"{role}_traced_s": result.seconds}
+                     replay_model=replay, synchronous=crash_safe, budget=_budget(job), guard=guard)
+    if replay is not None and job.save == "full":
+        _probe_experts_beyond(job, model, replay, Path(job.out) / f"{role}.h5")
+    timing[f"{role}_traced_s"] = result.seconds
     if backend.name == "echo_npu":  # the device's op counters, for the captured run alone
         from tensordiff.backends.echo_npu import op_counts
 
         timing["echo_npu_ops"] = op_counts()
+    if job.time_plain and not plain_first:
+        timing.update(_time_plain(job, role, model, inputs))
     if job.time_plain:
-        status(f"timing a plain run of the {role}")
-        timing[f"{role}_plain_s"] = plain = time_plain_forward(model, inputs, job.backward)
+        plain = timing[f"{role}_plain_s"]
         timing[f"{role}_overhead_x"] = result.seconds / plain if plain > 0 else None
     return timing
+
+
+def _probe_experts_beyond(job: TraceJob, model, replay, path: Path) -> None:
+    """Experts calls whose own (local) error is beyond tolerance get an error per expert: each expert
+    alone on the call's recorded tokens, target against the fp32 reference (analysis/expert_probe).
+    A black-box kernel's bad experts are named without looking inside it."""
+    from tensordiff.analysis.expert_probe import describe_probe, probe_experts
+    from tensordiff.trace import annotate, open_trace
+
+    budget = _budget(job)
+    found = {}
+    with open_trace(path) as trace:
+        index = trace.index
+        if "local_rel_l2" not in index.columns:
+            return
+        outs = index[(index["kind"] == "module") & (index["direction"] == "forward")
+                     & (index["slot"] == "output.0") & index["local_rel_l2"].notna()]
+        for row in outs.to_dict("records"):
+            if not row["local_rel_l2"] > budget(row["key"], row["dtype"]):
+                continue
+            name, scope = row["module"], row["scope"]
+            try:
+                target, reference = model.get_submodule(name), replay.get_submodule(name)
+            except AttributeError:
+                continue
+            gate_up = getattr(reference, "gate_up_proj", None)
+            keys = [f"{scope}/input.{i}" for i in range(3)]
+            if not (isinstance(gate_up, torch.Tensor) and gate_up.dim() == 3 and all(k in trace.rows for k in keys)
+                    and all(trace.rows[k]["has_data"] for k in keys)):
+                continue
+            status(f"probing each expert of {name} alone")
+            hidden, ids, weights = (trace.tensor(k) for k in keys)
+            rows = probe_experts(target, reference, hidden, top_k=int(ids.shape[-1]),
+                                 experts=int(gate_up.shape[0]), weights_dtype=weights.dtype)
+            found[scope] = {"module": name, "tokens": int(hidden.shape[0]),
+                            **describe_probe(rows, budget(row["key"], row["dtype"]), int(gate_up.shape[0]))}
+    if found:
+        annotate(path, expert_probe=found)
+
+
+def _time_plain(job: TraceJob, role: str, model, inputs) -> dict:
+    status(f"timing a plain run of the {role}")
+    return {f"{role}_plain_s": time_plain_forward(model, inputs, job.backward)}
 
 
 def _run_child(job: TraceJob):
@@ -194,14 +283,14 @@ def _replay_model(job: TraceJob, model):
     """The fp32 model the target's calls are replayed on, where the reference runs: a CUDA reference
     replays on its GPU (a CPU replay of a 0.6B model at 2048 tokens took 30 s and 21 GB of host
     memory), anything else on the CPU."""
-    device = get_backend(job.reference).device
-    if str(device).startswith("cuda"):
-        import copy
+    import torch
 
-        import torch
+    from tensordiff.backends.casting import converted_copy
 
-        return copy.deepcopy(model).to(device=device, dtype=torch.float32).eval()
-    return model
+    device = torch.device(get_backend(job.reference).device)
+    if device.type == "cpu" and next(iter(model.parameters()), torch.empty(0)).device.type == "cpu":
+        return model  # the built model itself: it stays untouched on the host
+    return converted_copy(model, device, torch.float32, like_deployment=False).eval()
 
 
 def _relay_status(child, progress: Path) -> None:
@@ -278,6 +367,11 @@ def _judge_traces(job: TraceJob, bundle) -> dict:
 
 
 def trace_job(job: TraceJob) -> TraceOutcome:
+    if job.backward and job.target == "kt_moe":
+        from tensordiff.backends.kt_moe import BACKWARD_REFUSED
+        from tensordiff.errors import TensordiffError
+
+        raise TensordiffError(BACKWARD_REFUSED)
     out_dir = Path(job.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     get_backend(job.reference)
@@ -285,7 +379,7 @@ def trace_job(job: TraceJob) -> TraceOutcome:
     bundle = _bundle(job)
     timing = capture_role(job, "reference", bundle)
     crash = None
-    if job.isolate:
+    if job.isolate if job.isolate is not None else isolate_by_default(job.target):
         state_path, inputs_path = state_file_paths(out_dir)
         status("writing the model state for the target's process")
         save_state(bundle.model, state_path)

@@ -15,7 +15,8 @@ _PACKAGE = Path(__file__).resolve().parent
 # shipped in tensordiff (echo_npu's attention) are user code from the probes' point of view.
 _SKIP_DIRS = (str(Path(torch.__file__).parent), str(_PACKAGE / "probes"), str(_PACKAGE / "observers"),
               str(_PACKAGE / "analysis"), str(_PACKAGE / "tracing.py"), str(_PACKAGE / "run.py"),
-              str(_PACKAGE / "child.py"), str(_PACKAGE / "source_lines.py"))
+              str(_PACKAGE / "child.py"), str(_PACKAGE / "source_lines.py"),
+              str(_PACKAGE / "guard.py"))
 
 
 _SKIP_FILE: dict[str, bool] = {}  # co_filename -> not user code (a dict hit instead of prefix tests)

@@ -65,9 +65,9 @@ def _sync() -> None:
 def run_metadata(extra: dict | None = None) -> dict:
     import transformers
 
-    import tensordiff
+    from tensordiff.version import __version__
 
-    return {"versions": {"tensordiff": tensordiff.__version__, "torch": torch.__version__,
+    return {"versions": {"tensordiff": __version__, "torch": torch.__version__,
                          "transformers": transformers.__version__, "python": platform.python_version()},
             "host": platform.node(), "command": " ".join(sys.argv), **(extra or {})}
 
@@ -76,7 +76,7 @@ def capture(model: torch.nn.Module, inputs, path, level: str = "module", save: s
             backward: bool = False, module_filter: str | None = None, metadata: dict | None = None,
             loss_fn=default_loss, compression: str | None = None,
             replay_model: torch.nn.Module | None = None, synchronous: bool = False,
-            budget=None) -> CaptureResult:
+            budget=None, guard=None) -> CaptureResult:
     """Run ``model`` on ``inputs`` once with probes on, writing the trace to ``path``.
 
     With ``replay_model`` (the fp32 CPU reference), every module call (and op, at op level) is also
@@ -103,6 +103,8 @@ def capture(model: torch.nn.Module, inputs, path, level: str = "module", save: s
                                                     drill_down=(level == "module")))
             if level in ("op", "both"):
                 stack.enter_context(OpProbe(session))
+            if guard is not None:  # --guard: every op of the traced run watched for writes into sealed buffers
+                stack.enter_context(guard)
             start = time.perf_counter()
             try:
                 output = _forward_then_backward(model, inputs, backward, loss_fn, session)
@@ -115,9 +117,23 @@ def capture(model: torch.nn.Module, inputs, path, level: str = "module", save: s
             _sync()
             seconds = time.perf_counter() - start
             writer.quiet.set()  # the traced run is over: the writer may write the index rows now
+        if guard is not None:
+            from tensordiff.guard import summary_lines
+
+            writer.set_metadata(guard={"summary": summary_lines(guard.findings), "findings": guard.summary()})
         writer.set_metadata(traced_seconds=seconds, replay=replayer is not None, drill_down=probe.drilled,
                             replay_failures=dict(list(replayer.failures.items())[:50]) if replayer else {})
+    _release_pinned_host_memory()
     return CaptureResult(str(path), session.records, seconds, output)
+
+
+def _release_pinned_host_memory() -> None:
+    """Give back the pinned host blocks the capture's device-to-host copies left in torch's cache
+    (rounded up to powers of two: a 1.2 GB logits copy holds 2 GB), so the next step starts from
+    the memory it needs."""
+    empty = getattr(torch._C, "_host_emptyCache", None)
+    if empty is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        empty()
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

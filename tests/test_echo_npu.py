@@ -208,10 +208,28 @@ def test_nan_hunt_on_the_device_is_clean_forward_and_backward():
     Own process, like every backward on the device."""
     from tests.test_cli import run_cli
 
-    proc = run_cli("nan-hunt", "--target", "echo_npu", "--seq-len", "64", "--backward", "--json")
+    proc = run_cli("nan-hunt", "--target", "echo_npu", "--seq-len", "64", "--backward", "--json", "--guard")
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(proc.stdout)
     assert doc["clean"] and doc["screened"]["tensors"] > 20 and doc["screened"]["backward_ops"] > 100
+    assert "guard" not in doc  # red zones and poison on every device block, forward and backward: nothing
+
+
+def test_guard_reports_the_allocator_size_mismatch_at_the_op_instead_of_aborting(tmp_path):
+    """alloc-round-up with --guard: the mis-sized block is reported after the op that allocated it, with
+    the line, and the process lives (without --guard it dies in glibc: the test below)."""
+    from tests.test_cli import run_cli
+
+    proc = run_cli("nan-hunt", "--target", "echo_npu", "--fault", "alloc-round-up", "--seq-len", "32",
+                   "--guard", "--json")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    doc = json.loads(proc.stdout)
+    assert doc["clean"] is True and "crash" not in doc  # no NaN, no abort
+    (line,) = doc["guard"]["summary"]
+    assert line.startswith("echo_npu allocator: allocator size mismatch: block #")
+    assert "8 bytes past the start of its allocation" in line and "free(): invalid pointer" in line
+    first = doc["guard"]["findings"][0]["evidence"]
+    assert first["op"].startswith("aten::") and ".py:" in first["source"] and "tensordiff" not in first["source"]
 
 
 def test_nan_hunt_survives_a_crashing_target(tmp_path):

@@ -1,9 +1,9 @@
 """The package's import graph: no module imports a module that imports it back (two-module cycles make
-the data flow unreadable and break lazy imports), except the ones listed here to be removed."""
+the data flow unreadable and break lazy imports)."""
 import ast
 from pathlib import Path
 
-KNOWN = {("tensordiff", "tensordiff.tracing"), ("tensordiff.probes.own_code", "tensordiff.probes.replay")}
+KNOWN: set = set()  # none left
 
 
 def _imports() -> dict:

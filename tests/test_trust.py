@@ -85,6 +85,41 @@ def test_bf16_backend_keeps_rotary_buffer_fp32(qwen):
     assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
 
 
+def test_backend_copy_equals_deepcopy_then_cast_and_keeps_ties(qwen):
+    """The one-step copy gives the numbers a deepcopy + cast gives, shares ties, and leaves the
+    built model alone; the fp32 reference shares the built model's tensors instead of copying."""
+    import copy
+
+    from tensordiff.backends import get_backend
+    from tensordiff.backends.registry import cast_like_deployment
+
+    model = copy.deepcopy(qwen.model)
+    model.lm_head.weight = model.model.embed_tokens.weight  # a tie the copy must keep
+    before = {n: t.clone() for n, t in named_state(model).items()}
+    low = get_backend("cpu-bf16")(model)
+    slow = cast_like_deployment(copy.deepcopy(model), torch.bfloat16)
+    got, want = named_state(low), named_state(slow)
+    assert got.keys() == want.keys()
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+    assert low.lm_head.weight is low.model.embed_tokens.weight
+    assert low.lm_head.weight.data_ptr() != model.lm_head.weight.data_ptr()
+    for name, t in named_state(model).items():
+        assert t.dtype == before[name].dtype and torch.equal(t, before[name]), name
+    ref = get_backend("cpu")(model)
+    assert ref is not model and ref.lm_head.weight.data_ptr() == model.lm_head.weight.data_ptr()
+
+
+def test_builtin_targets_run_in_process_and_code_under_test_isolated(tmp_path):
+    from tensordiff.run import isolate_by_default
+
+    assert not isolate_by_default("cpu-bf16") and not isolate_by_default("cuda-fp16")
+    assert isolate_by_default("echo_npu") and isolate_by_default(f"{PLUGINS}/planted.py:cast_inv_freq_bf16")
+    res = trace_job(make_job(tmp_path, target="cpu-bf16")).result
+    assert res.verdict == "match"
+    assert not (tmp_path / "run" / "target.progress").exists()  # no child ran
+
+
 def test_cast_buffer_is_culprit_with_state_row(tmp_path):
     res = trace_job(make_job(tmp_path, target=f"{PLUGINS}/planted.py:cast_inv_freq_bf16", seq_len=512)).result
     assert res.verdict == "diverged"

@@ -41,10 +41,15 @@ class NanHuntResult:
     notes: list = field(default_factory=list)
     seconds: float = 0.0
     source: dict = field(default_factory=dict)     # model / target / trace file
+    guard: list = field(default_factory=list)      # --guard: buffer findings (tensordiff.guard.Finding dicts)
+    guard_lines: list = field(default_factory=list)  # the same, one line per group of buffers
 
     def to_dict(self) -> dict:
-        return {"schema": SCHEMA, "clean": self.clean, "source": self.source, "screened": self.screened,
-                "seconds": round(self.seconds, 4), "notes": self.notes, "findings": self.findings}
+        out = {"schema": SCHEMA, "clean": self.clean, "source": self.source, "screened": self.screened,
+               "seconds": round(self.seconds, 4), "notes": self.notes, "findings": self.findings}
+        if self.guard or self.guard_lines:
+            out["guard"] = {"summary": self.guard_lines, "findings": self.guard}
+        return out
 
 
 def _run(model, inputs, observers, backward: bool, loss_fn):

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tensordiff.backends.casting import cast_like_deployment, converted_copy  # noqa: F401 (plugins use them)
 from tensordiff.errors import TensordiffError
 
 _DTYPES = {"": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -21,31 +22,6 @@ def _cast_floats(obj, device, dtype):
     return obj
 
 
-def _keeps_fp32(module_name: str, keep: list) -> bool:
-    parts = module_name.split(".")
-    return any(k in parts or module_name.endswith(k) for k in keep)
-
-
-def cast_like_deployment(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """Cast as a real low-precision deployment is (``from_pretrained(..., dtype=bf16)``): parameters
-    and persistent buffers to ``dtype``; non-persistent float buffers (rotary ``inv_freq``, computed in
-    float32 at build time) and the modules listed in ``_keep_in_fp32_modules`` stay float32.
-    ``model.to(dtype)`` casts ``inv_freq`` too: at 2048 positions that alone is a 0.13 relative error
-    on every layer of a bf16 Qwen3, which is not the target's fault. In place; ties are kept."""
-    keep = list(getattr(model, "_keep_in_fp32_modules", None) or []) + \
-        list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
-    for mod_name, mod in model.named_modules():
-        if keep and _keeps_fp32(mod_name, keep):
-            continue
-        for param in mod._parameters.values():
-            if param is not None and param.is_floating_point() and param.dtype != dtype:
-                param.data = param.data.to(dtype)
-        for attr, buf in list(mod._buffers.items()):
-            if buf is not None and buf.is_floating_point() and attr not in mod._non_persistent_buffers_set:
-                mod._buffers[attr] = buf.to(dtype)
-    return model
-
-
 @dataclass
 class Backend:
     """Prepares a deep copy of the reference model to run somewhere; moves inputs there."""
@@ -56,22 +32,19 @@ class Backend:
     info: dict = field(default_factory=dict)
 
     def __call__(self, model: torch.nn.Module) -> torch.nn.Module:
-        model = copy.deepcopy(model)
-        if self.plugin is not None:
-            try:
-                result = self.plugin(model)
-            except TensordiffError:
-                raise
-            except Exception as exc:
-                raise TensordiffError(f"backend {self.name!r} raised {type(exc).__name__}: {exc}") from None
-            if not isinstance(result, torch.nn.Module):
-                raise TensordiffError(f"backend {self.name!r} returned {type(result).__name__}, "
-                                      "expected an nn.Module")
-            return result.eval()
-        if self.dtype in (torch.bfloat16, torch.float16):
-            cast_like_deployment(model, self.dtype)
-            return model.to(device=self.device).eval()
-        return model.to(device=self.device, dtype=self.dtype).eval()
+        if self.plugin is None:
+            low = self.dtype in (torch.bfloat16, torch.float16)
+            return converted_copy(model, self.device, self.dtype, like_deployment=low, share=True).eval()
+        try:
+            result = self.plugin(copy.deepcopy(model))
+        except TensordiffError:
+            raise
+        except Exception as exc:
+            raise TensordiffError(f"backend {self.name!r} raised {type(exc).__name__}: {exc}") from None
+        if not isinstance(result, torch.nn.Module):
+            raise TensordiffError(f"backend {self.name!r} returned {type(result).__name__}, "
+                                  "expected an nn.Module")
+        return result.eval()
 
     def inputs(self, inputs):
         from tensordiff.models import Inputs
@@ -84,12 +57,18 @@ class Backend:
 
 
 def _builtin(name: str) -> Backend | None:
-    device, _, suffix = name.partition("-")
-    if device not in ("cpu", "cuda") or suffix not in _DTYPES:
+    if not is_builtin(name):
         return None
+    device, _, suffix = name.partition("-")
     if device == "cuda" and not torch.cuda.is_available():
         raise TensordiffError(f"backend {name!r} needs CUDA, and torch sees no CUDA device here")
     return Backend(name, device, _DTYPES[suffix])
+
+
+def is_builtin(name: str) -> bool:
+    """cpu, cpu-bf16, cuda-fp16, ...: torch's own kernels in a dtype, no code under test."""
+    device, _, suffix = name.partition("-")
+    return device in ("cpu", "cuda") and suffix in _DTYPES
 
 
 def _entry_points() -> dict:
@@ -108,11 +87,45 @@ def _echo_npu(name: str, fault: str) -> Backend | None:
     set_fault(fault)  # builds / loads the extension and registers the device
 
     def to_device(model):
+        from tensordiff import guard as guards
+
+        guard = guards.active()
+        if guard is not None:  # --guard: red zones and poison from the first block on
+            from tensordiff.backends.echo_npu import guard_allocator
+
+            guard_allocator(guard)
+            with guard:
+                model = model.to(DEVICE)
+                use_echo_npu_attention(model)
+            return model
         model = model.to(DEVICE)
         use_echo_npu_attention(model)  # the port's own attention path (device bmm + masked_fill_)
         return model
 
     return Backend(name, DEVICE, torch.float32, plugin=to_device, info={"fault": fault})
+
+
+def _kt_moe(name: str, fault: str) -> Backend | None:
+    if name != "kt_moe":
+        return None
+    from tensordiff.backends.kt_moe import FAULTS, describe, to_kt_moe
+
+    if fault not in FAULTS:
+        raise TensordiffError(f"unknown --fault {fault!r} for kt_moe; choose one of {', '.join(FAULTS)}")
+    info = {**describe(), "fault": fault}  # also: the missing-package hint, before any work
+    return Backend(name, "cpu", torch.bfloat16, plugin=lambda model: to_kt_moe(model, fault), info=info)
+
+
+def _flash_attn(name: str, fault: str) -> Backend | None:
+    if name != "flash_attn":
+        return None
+    from tensordiff.backends.flash_attn import BLOCK_K, BLOCK_Q, FAULTS, use_flash_attention
+
+    if fault not in FAULTS:
+        raise TensordiffError(f"unknown --fault {fault!r} for flash_attn; choose one of {', '.join(FAULTS)}")
+    info = {"kernel": "tensordiff tiled online-softmax FlashAttention (CPU)", "block_q": BLOCK_Q,
+            "block_k": BLOCK_K, "fault": fault}
+    return Backend(name, "cpu", torch.float32, plugin=lambda model: use_flash_attention(model, fault), info=info)
 
 
 def _device_module(name: str) -> Backend | None:
@@ -141,18 +154,23 @@ def _device_module(name: str) -> Backend | None:
 
 
 def get_backend(name: str, fault: str = "none") -> Backend:
-    if fault != "none" and name != "echo_npu":
-        raise TensordiffError(f"--fault applies to the echo_npu target only (target is {name!r})")
-    device = _echo_npu(name, fault) or _device_module(name)
+    if fault != "none" and name not in ("echo_npu", "kt_moe", "flash_attn"):
+        raise TensordiffError(f"--fault applies to the echo_npu, kt_moe and flash_attn targets only (target is {name!r})")
+    device = _echo_npu(name, fault) or _kt_moe(name, fault) or _flash_attn(name, fault) or _device_module(name)
     if device is not None:
         return device
     builtin = _builtin(name)
     if builtin is not None:
         return builtin
     if ":" in name and name.rsplit(":", 1)[0].endswith(".py"):
+        from tensordiff.backends.flash_attn import is_attention_kernel, use_attention_kernel
         from tensordiff.models import _from_file
 
-        return Backend(name, plugin=_from_file(name), info={"plugin": name})
+        fn = _from_file(name)
+        if is_attention_kernel(fn):  # kernel(q, k, v, causal, scale): it computes the model's attention
+            return Backend(name, plugin=lambda model: use_attention_kernel(model, fn, name),
+                           info={"plugin": name, "kernel": f"attention kernel {name}"})
+        return Backend(name, plugin=fn, info={"plugin": name})
     eps = _entry_points()
     if name in eps:
         try:
@@ -167,5 +185,5 @@ def get_backend(name: str, fault: str = "none") -> Backend:
 
 
 def list_backends() -> list[str]:
-    names = [f"{d}{'-' + s if s else ''}" for d in ("cpu", "cuda") for s in _DTYPES] + ["echo_npu"]
+    names = [f"{d}{'-' + s if s else ''}" for d in ("cpu", "cuda") for s in _DTYPES] + ["echo_npu", "kt_moe", "flash_attn"]
     return names + sorted(_entry_points())

@@ -67,6 +67,7 @@ class NanScreen(Observer):
     def __init__(self, backward: bool = False, neg_inf_is_bad: bool = False):
         self.needs = Needs(backward=backward, modules="outer")
         self.neg_inf_is_bad = neg_inf_is_bad
+        self._unwritten: set = set()  # storages of empty* outputs no op has written yet (backward ops)
         self.events: list[ScreenEvent] = []
         self._groups: dict = {}                 # (device, dtype) -> ([mins], [maxs])
         self._seen: dict = {}                   # id -> (weakref, version, group, pos): screened already
@@ -113,12 +114,26 @@ class NanScreen(Observer):
     def on_op(self, op: OpCall, args, kwargs, out):
         if op.direction != "backward":
             return
+        from tensordiff.guard import written_tensors
+
+        outs = [a for a in tree_flatten(out)[0] if isinstance(a, torch.Tensor)]
+        written = {id(t) for t in written_tensors(op.func, args, kwargs)}
+        if op.name.split(".")[0] in UNINITIALIZED:  # its memory is garbage until something writes it
+            self._unwritten.update(_storage(t) for t in outs)
+            return
+        for t in written_tensors(op.func, args, kwargs):
+            self._unwritten.discard(_storage(t))
+        if not _returns_alias(op.func):  # fresh outputs: the op wrote them (even where memory was reused)
+            for t in outs:
+                self._unwritten.discard(_storage(t))
         node = type(op.node).__name__ if op.node is not None else ""
         event = ScreenEvent("op", op.module, op.name, node, op.index)
         for slot, t in enumerate(a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)):
-            self._screen(event, f"in.{slot}", t)
-        for slot, t in enumerate(a for a in tree_flatten(out)[0] if isinstance(a, torch.Tensor)):
-            self._screen(event, f"out.{slot}", t)
+            if id(t) not in written and _storage(t) not in self._unwritten:  # a destination's old bytes: not data
+                self._screen(event, f"in.{slot}", t)
+        for slot, t in enumerate(outs):
+            if _storage(t) not in self._unwritten:  # a view of memory nothing wrote yet
+                self._screen(event, f"out.{slot}", t)
         if event.slots:
             self.events.append(event)
 
@@ -175,6 +190,11 @@ def tensor_range(t: torch.Tensor) -> dict:
     return info
 
 
+# Ops whose output memory is uninitialised: a NaN there is not born, it is whatever the allocator had.
+UNINITIALIZED = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty",
+                 "aten::new_empty_strided"}
+
+
 class NanTracer(Observer):
     """Exact NaN / Inf accounting of every op inside ``scope`` (a module call scope, or every backward
     op with ``direction='backward'``); light bookkeeping elsewhere (routers, autograd nodes)."""
@@ -201,6 +221,8 @@ class NanTracer(Observer):
             if p is not None and p.device.type != "meta":
                 self._leaves.setdefault(p.data_ptr(), name)
         self._before = None                  # the current op's input summaries (on_op_start)
+        self._call_inputs: dict = {}         # scope -> inputs of calls in scope, while no birth is known
+        self._modules = {name or "__root__": m for name, m in model.named_modules()}
         self._forward_tags: dict = {}        # autograd node -> what made it in the forward
 
     # -- where an op is ---------------------------------------------------------------------------
@@ -221,9 +243,14 @@ class NanTracer(Observer):
         if call.scope in self.keep_inputs_of or (self.keep_composites and call.name in self._composite
                                                  and self._inside(call)):
             self.kept_inputs[call.scope] = clone_tensors((args, kwargs))
+        if self.birth is None and self.direction == "forward" and self._inside(call):
+            self._call_inputs[call.scope] = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
 
     def on_module_leave(self, call, output):
         self.experts.leave(call)
+        inputs = self._call_inputs.pop(call.scope, None)
+        if inputs is not None and self.birth is None:
+            self._opaque_birth(call, inputs, output)
         if self.direction == "backward":  # name autograd nodes no op event names (custom Functions)
             for _, t in flatten_tensors(output, "output"):
                 self._tag_graph(t.grad_fn, {"module": call.name, "scope": call.scope})
@@ -237,6 +264,27 @@ class NanTracer(Observer):
                 continue
             self._forward_tags[node] = {"node": node.name(), **tag}
             stack.extend(n for n, _ in node.next_functions)
+
+    def _opaque_birth(self, call, inputs, output) -> None:
+        """A call whose output is non-finite although no op inside it made a non-finite value: its
+        values were written by code no op event sees (an extension kernel handed raw pointers).
+        The call itself is where they were born."""
+        for slot, (_, t) in enumerate(flatten_tensors(output, "out")):
+            if not _screenable(t):
+                continue
+            nan, pos, neg = _counts(t)
+            if not (nan or pos or (neg and self.neg_inf_is_bad)):
+                continue
+            finite = [not _screenable(x) or bool(torch.isfinite(x).all()) for x in inputs]
+            ranges = [tensor_range(x) for x in inputs]
+            op = OpCall(func=_CallAsOp(call.name), index=-1, direction="forward", module=call)
+            found = self._describe(op, inputs, finite, ranges, slot, t, nan, pos + neg, None)
+            module = self._modules.get(call.name)
+            kernel = getattr(module, "tensordiff_kernel", None) or type(module).__name__
+            found.update(op=f"{kernel} (a call no aten op explains)", origin="opaque_call" if all(finite)
+                         else found["origin"])
+            self.birth = found
+            return
 
     # -- ops ------------------------------------------------------------------------------------
     def _is_constant(self, t) -> bool:
@@ -267,6 +315,16 @@ class NanTracer(Observer):
         self._before = None
         self.ops_checked += 1
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if op.name.split(".")[0] in UNINITIALIZED:  # garbage by contract: whoever reads it unwritten is at fault
+            for t in outs:
+                self._constants[id(t)] = (weakref.ref(t), f"{op.name} (uninitialised memory)")
+            return
+        unwritten = {x.untyped_storage().data_ptr(): self._constants[id(x)][1] for x in inputs
+                     if self._is_constant(x) and self._constants[id(x)][1].endswith("(uninitialised memory)")}
+        if unwritten and all(t.untyped_storage().data_ptr() in unwritten for t in outs):
+            for t in outs:  # a view of uninitialised memory is still uninitialised
+                self._constants[id(t)] = (weakref.ref(t), unwritten[t.untyped_storage().data_ptr()])
+            return
         for slot, t in enumerate(outs):
             if not _screenable(t):
                 continue
@@ -322,6 +380,29 @@ class NanTracer(Observer):
                 self._forward_tags[t.grad_fn] = {"node": t.grad_fn.name(), "op": op.name, "scope": op.scope,
                                                  "module": op.module.name if op.module else "",
                                                  "source": user_source_line()}
+
+
+class _CallAsOp:
+    """Stands for the op of a module call whose values no op made (``OpCall.name`` asks it)."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def name(self) -> str:
+        return self._name
+
+
+def _returns_alias(func) -> bool:
+    """Does the op return a view of (or the same memory as) an input, by its schema?"""
+    schema = getattr(func, "_schema", None)
+    return schema is not None and any(r.alias_info is not None for r in schema.returns)
+
+
+def _storage(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor without storage (sparse, nested)
+        return -id(t)
 
 
 def _first(t: torch.Tensor) -> int | None:

@@ -20,8 +20,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from tensordiff.observers.events import Needs, Observer
-from tensordiff.probes.replay import (LOW_PRECISION, dtypes_of, layout_experiment, local_error, output_tensors,
-                                      replayable)
+from tensordiff.probes.local_error import local_error
+from tensordiff.probes.replay import LOW_PRECISION, dtypes_of, layout_experiment, output_tensors, replayable
 from tensordiff.probes.session import CaptureSession
 from tensordiff.schema import op_prefix
 from tensordiff.source_lines import user_source_line

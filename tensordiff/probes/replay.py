@@ -13,11 +13,11 @@ output record as ``local_rel_l2`` / ``local_max_abs``.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
+from tensordiff.probes.local_error import local_error
 from tensordiff.probes.session import ROOT
 from tensordiff.tensors import flatten_tensors
 from tensordiff.probes.snapshot import read_back
@@ -27,36 +27,6 @@ NONDETERMINISTIC = ("empty", "empty_like", "empty_strided", "new_empty", "new_em
                     "rand_like", "randn_like", "randint", "randperm", "normal", "bernoulli", "uniform_",
                     "normal_", "dropout", "native_dropout", "set_", "resize_", "_local_scalar_dense",
                     "detach", "alias", "lift_fresh")
-
-
-def local_error(tgt: torch.Tensor, ref: torch.Tensor) -> tuple[float, float] | None:
-    """(rel_l2, max_abs) of tgt against ref over finite elements; None if shapes differ. Computed on
-    ref's device; a target tensor on another device is read back from its bytes first."""
-    if tuple(tgt.shape) != tuple(ref.shape) or not (tgt.is_floating_point() or tgt.is_complex()):
-        return None
-    if tgt.device != ref.device:
-        if tgt.device.type not in ("cpu", "cuda"):  # read the device's bytes back: never trust its copy
-            tgt = read_back(tgt).materialize()
-        tgt = tgt.to(ref.device)
-    # float64 on the host; float32 on a GPU (rel L2 against budgets >= 1e-4 needs no more), and one
-    # device-to-host read for all four numbers instead of a sync each
-    acc = torch.float64 if ref.device.type == "cpu" else torch.float32
-    t, r = tgt.detach().to(acc), ref.detach().to(acc)
-    if t.numel() == 0:
-        return 0.0, 0.0
-    d = t - r
-    norm_r, norm_d, max_abs = torch.stack([torch.linalg.vector_norm(r), torch.linalg.vector_norm(d),
-                                           d.abs().max()]).tolist()
-    if math.isfinite(norm_r) and math.isfinite(norm_d):  # all finite: no masks needed (the common case)
-        return (norm_d / norm_r if norm_r > 0 else (0.0 if norm_d == 0 else math.inf)), max_abs
-    both = torch.isfinite(t) & torch.isfinite(r)
-    mismatch = (~both & ~(torch.isnan(t) & torch.isnan(r))).sum()
-    d = torch.where(both, t - r, 0.0)
-    norm_r, norm_d, max_abs, bad = torch.stack([
-        torch.linalg.vector_norm(torch.where(both, r, 0.0)), torch.linalg.vector_norm(d), d.abs().max(),
-        mismatch.to(acc)]).tolist()
-    rel = norm_d / norm_r if norm_r > 0 else (0.0 if norm_d == 0 else math.inf)
-    return (math.inf if bad else rel), max_abs
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -198,11 +168,9 @@ class Replayer:
 
     def _floor_modules(self, dtype: torch.dtype) -> dict:
         if dtype not in self._floor_models:
-            import copy
+            from tensordiff.backends.casting import converted_copy
 
-            from tensordiff.backends.registry import cast_like_deployment
-
-            low = cast_like_deployment(copy.deepcopy(self.model), dtype)
+            low = converted_copy(self.model, self.device, dtype, like_deployment=True)
             self._floor_models[dtype] = {(name or ROOT): mod for name, mod in low.named_modules()}
         return self._floor_models[dtype]
 

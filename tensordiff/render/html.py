@@ -35,6 +35,18 @@ def _e(x) -> str:
     return html.escape(str(x), quote=True)
 
 
+def _scales(n: int, lo: float, hi: float, xs: tuple, ys: tuple):
+    """Pixel coordinates of point i (of n) and of value v in [lo, hi], inside xs / ys (left, right) /
+    (top, bottom); larger values are drawn higher."""
+    def x(i):
+        return xs[0] + (xs[1] - xs[0]) * (i / max(n - 1, 1))
+
+    def y(v):
+        return ys[0] + (ys[1] - ys[0]) * (hi - v) / (hi - lo)
+
+    return x, y
+
+
 def _chart(result, width: int = 900, height: int = 220) -> str:
     """Inline SVG: log10 rel L2 per forward record in execution order, divergence and culprit marked."""
     table = result.table
@@ -46,14 +58,7 @@ def _chart(result, width: int = 900, height: int = 220) -> str:
     vals = [max(float(v), 1e-12) if v == v and not math.isinf(float(v)) else 1e4 for v in fwd["rel_l2"]]
     logs = [math.log10(v) for v in vals]
     lo, hi = min(min(logs), -8.0), max(max(logs), 1.0)
-    n = len(vals)
-
-    def x(i):
-        return 40 + (width - 50) * (i / max(n - 1, 1))
-
-    def y(v):
-        return 10 + (height - 30) * (hi - v) / (hi - lo)
-
+    x, y = _scales(len(vals), lo, hi, (40, width - 10), (10, height - 20))
     pts = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(logs))
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
              f'aria-label="relative L2 error per record">',
@@ -74,6 +79,27 @@ def _chart(result, width: int = 900, height: int = 220) -> str:
                          f'<text x="{x(i) + 3:.1f}" y="{height - 4}" font-size="10" fill="{color}">{_e(label)}</text>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+def _axis_charts(found: dict | None, label: str, width: int = 420, height: int = 90) -> str:
+    """Small inline SVG per axis of a record's error map: log10 rel L2 per index, the budget dashed."""
+    if not found or not found.get("error_map"):
+        return ""
+    parts = [f"<h3>{_e(label)}: error along each axis of {_e(found.get('error_map_key'))}</h3><p>"]
+    for axis in found["error_map"]:
+        vals = [math.log10(min(max(v, 1e-12), 1e12)) for v in axis["rel_l2"]]
+        budget = math.log10(max(axis["budget"], 1e-12))
+        lo, hi = min(vals + [budget]) - 0.5, max(vals + [budget]) + 0.5
+        x, y = _scales(len(vals), lo, hi, (5, width - 5), (5, height - 20))
+        pts = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(vals))
+        parts.append(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+                     f'aria-label="rel L2 per index of dim {axis["axis"]}">'
+                     f'<polyline fill="none" stroke="#3465a4" stroke-width="1" points="{pts}"/>'
+                     f'<line x1="5" x2="{width - 5}" y1="{y(budget):.1f}" y2="{y(budget):.1f}" stroke="#cc0000" '
+                     f'stroke-dasharray="4,2"><title>budget {axis["budget"]:.3g}</title></line>'
+                     f'<text x="5" y="{height - 4}" font-size="10">dim {axis["axis"]} (size {axis["size"]}): '
+                     f'{_e(axis["text"])}</text></svg> ')
+    return "".join(parts) + "</p>"
 
 
 def _table(headers, rows, css_rows=None) -> str:
@@ -99,7 +125,8 @@ def render_html(result) -> str:
             f'<div class="verdict {_e(result.verdict)}">{_e(lines[0])}</div>',
             "<ul>" + "".join(f"<li>{_e(line)}</li>" for line in lines[1:]) + "</ul>",
             f"<p>Reference: <code>{_e(result.reference)}</code><br>Target: <code>{_e(result.target)}</code></p>",
-            "<h2>Relative L2 error per record, execution order</h2>", _chart(result)]
+            "<h2>Relative L2 error per record, execution order</h2>", _chart(result),
+            _axis_charts(result.culprit, "Culprit"), _axis_charts(result.first_divergence, "First divergence")]
     if rows:
         body += ["<h2>Error per module</h2><p>local = the module's own error on the target's inputs; "
                  "amplification = output / input error. Click a header to sort.</p>",

@@ -40,7 +40,8 @@ def finding_lines(f: dict) -> list[str]:
     if origin == "not_reproduced":
         return [f"NaN / Inf first seen in {f.get('scope') or f.get('op')}, not reproduced by a second run",
                 f"  {f.get('note', '')}"]
-    verb = {"op": "born at", "parameter": "first from a parameter at", "earlier": "first seen at"}.get(origin, "at")
+    verb = {"op": "born at", "parameter": "first from a parameter at", "earlier": "first seen at",
+            "opaque_call": "born inside"}.get(origin, "at")
     src = f" ({f['source']})" if f.get("source") else ""
     fwd = f.get("forward") or {}
     if f.get("direction") == "backward" and fwd.get("module"):
@@ -92,6 +93,11 @@ def nan_lines(result) -> list[str]:
         lines = [f"NAN: non-finite values are born in the {' and '.join(dirs)}"]
         for f in result.findings:
             lines += finding_lines(f)
+    if result.guard_lines:
+        lines.append(f"buffer guard: {len(result.guard_lines)} finding(s)")
+        lines += [f"  {line}" for line in result.guard_lines]
+    elif result.source.get("guard"):
+        lines.append("buffer guard: no overlapping live buffers, no sealed buffer changed")
     lines += [f"note: {n}" for n in result.notes]
     return lines
 

@@ -57,6 +57,7 @@ def summary_dict(result) -> dict:
         "state": result.state.to_dict(),
         "load": result.load,
         "nan_hunt": result.nan_hunt,
+        "guard": result.guard,
         "records": records,
         "meta": {"reference": result.reference, "target": result.target, **result.meta},
     })

@@ -46,10 +46,12 @@ def headline(result) -> list[str]:
                      + (f" at {c['source']}" if c.get("source") else ""))
         if c.get("why"):
             lines.append(f"why: {c['why']}")
+        lines += [f"  where in {c['error_map_key'].rsplit('/', 1)[-1]}: {w}" for w in c.get("error_map_lines") or []]
     if result.first_divergence:
         d = result.first_divergence
         lines.append(f"first divergence: {d['key']} (max |diff| {fmt(d['max_abs'])}, rel L2 {fmt(d['rel_l2'])}, "
                      f"worst index {d.get('index')})")
+        lines += [f"  where: {w}" for w in d.get("error_map_lines") or []]
     if result.first_nan:
         lines.append(f"first NaN/Inf: {result.first_nan['key']} at index {result.first_nan.get('index')}")
     for note in result.notes:

@@ -26,6 +26,22 @@ def scale_layer1_attention(model):
     return model
 
 
+def layer1_attention_wrong_from_position_256(model):
+    """Layer 1's attention is right for the first 256 positions and off by 5% from there on: a kernel
+    whose scores live in a fixed 256-entry buffer."""
+    attn = model.model.layers[1].self_attn
+    inner = attn.forward
+
+    def forward(*args, **kwargs):
+        out, weights = inner(*args, **kwargs)
+        scale = torch.ones(out.shape[1], 1, dtype=out.dtype)
+        scale[256:] = 1.05
+        return out * scale, weights
+
+    attn.forward = forward
+    return model
+
+
 # A device-style copy that ignores strides: reads the storage in memory order, as a buggy device
 # `_copy_from` does, registered as an op so the op probe sees it like a device kernel.
 _lib = torch.library.Library("tdtest", "FRAGMENT")

@@ -93,3 +93,26 @@ def set_fault(name: str) -> None:
 def op_counts() -> dict:
     ext = load_extension()
     return {"native": dict(ext.native_counts()), "fallback": dict(ext.fallback_counts())}
+
+
+def guard_allocator(guard) -> None:
+    """``--guard`` on echo_npu: red zones and a NaN poison payload around every device block, and the
+    allocator's events (a block handed out at another address than its allocation, a size other than
+    asked, a red zone overwritten) reported at the op after which they appear, before a free() could
+    abort the process."""
+    ext = load_extension()
+    ext.set_guard(True)
+
+    def drain(func) -> None:
+        from tensordiff.source_lines import user_source_line
+
+        events = ext.guard_events(True)
+        if not events:
+            return
+        source = user_source_line(start=2)  # past this hook: the line whose op allocated
+        for event in events:
+            guard.report("allocator", "echo_npu allocator", f"{event}; after {func._schema.name} at {source}",
+                         {"event": event, "kind_of_event": event.split(":")[0], "op": func._schema.name,
+                          "source": source})
+
+    guard.op_hooks.append(drain)

@@ -19,6 +19,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -37,12 +38,92 @@ const c10::Device kDevice(c10::DeviceType::PrivateUse1, 0);
 // ---- allocator --------------------------------------------------------------------------------
 // With alloc-round-up, sizes are rounded up to 64 bytes and the block handed out is shifted past a
 // header the deleter does not know about: free() then receives a pointer malloc never returned.
+//
+// Guard mode (tensordiff --guard): every block gets red zones before and after it and fresh memory a
+// recognisable NaN payload; the allocator remembers what malloc returned for each block it handed out.
+// A block whose pointer is not where its allocation starts, or whose size differs from the request, is
+// an event at once (the op that allocated it is named by the Python side, which drains the events
+// after each op); red zones are checked at free and on request; free() is always given malloc's own
+// pointer, so the process lives to report instead of aborting inside glibc.
 void echo_free(void* ptr) { std::free(ptr); }
+
+constexpr size_t kRedZone = 64;
+constexpr unsigned char kRedByte = 0xFD;
+constexpr uint32_t kPoison = 0x7FC0DEADu;  // a float32 quiet NaN with a payload one can grep for
+
+struct GuardBlock {
+  char* base;         // what malloc returned
+  size_t requested;   // what the caller asked for
+  size_t accounted;   // what the allocator handed out
+  size_t front;       // bytes between base and the pointer handed out
+  uint64_t id;
+};
+std::atomic<bool> g_guard{false};
+std::mutex g_guard_mutex;
+std::map<void*, GuardBlock> g_guard_live;
+std::vector<std::string> g_guard_events;
+uint64_t g_guard_next_id = 0;
+
+void guard_event(const std::string& text) { g_guard_events.push_back(text); }  // g_guard_mutex held
+
+bool red_zone_intact(const char* p, size_t n) {
+  for (size_t i = 0; i < n; ++i)
+    if (static_cast<unsigned char>(p[i]) != kRedByte) return false;
+  return true;
+}
+
+std::string describe_block(void* user, const GuardBlock& b) {
+  return "block #" + std::to_string(b.id) + " at " + std::to_string(reinterpret_cast<uintptr_t>(user)) +
+         " (" + std::to_string(b.requested) + " bytes asked, " + std::to_string(b.accounted) + " handed out)";
+}
+
+void check_block(void* user, const GuardBlock& b, const char* when) {  // g_guard_mutex held
+  const char* u = static_cast<const char*>(user);
+  if (!red_zone_intact(u - kRedZone, kRedZone))
+    guard_event(std::string("red zone before ") + describe_block(user, b) + " overwritten (" + when + ")");
+  if (!red_zone_intact(u + b.requested, b.accounted - b.requested + kRedZone))
+    guard_event(std::string("write past the end of ") + describe_block(user, b) + ": red zone after it overwritten (" +
+                when + ")");
+}
+
+void guard_free(void* ptr) {
+  if (ptr == nullptr) return;
+  std::lock_guard<std::mutex> lock(g_guard_mutex);
+  auto it = g_guard_live.find(ptr);
+  if (it == g_guard_live.end()) {
+    guard_event("free of a pointer this allocator never handed out: " + std::to_string(reinterpret_cast<uintptr_t>(ptr)) +
+                " (not freed: glibc would abort)");
+    return;
+  }
+  check_block(ptr, it->second, "at free");
+  std::free(it->second.base);  // malloc's own pointer, whatever was handed out
+  g_guard_live.erase(it);
+}
+
+c10::DataPtr guarded_allocate(size_t nbytes, bool round_up) {
+  size_t accounted = round_up ? (nbytes + 63) / 64 * 64 : nbytes;
+  size_t header = round_up ? 8 : 0;  // the faulty allocator's bookkeeping header
+  size_t total = header + kRedZone + accounted + kRedZone;
+  char* base = static_cast<char*>(std::malloc(total));
+  std::memset(base, kRedByte, total);
+  char* user = base + header + kRedZone;
+  for (size_t i = 0; i + 4 <= nbytes; i += 4) std::memcpy(user + i, &kPoison, 4);
+  std::lock_guard<std::mutex> lock(g_guard_mutex);
+  GuardBlock block{base, nbytes, accounted, header + kRedZone, g_guard_next_id++};
+  g_guard_live[user] = block;
+  if (accounted != nbytes || header != 0)
+    guard_event("allocator size mismatch: " + describe_block(user, block) + "; the pointer handed out is " +
+                std::to_string(header) + " bytes past the start of its allocation, so free() of it would abort " +
+                "(free(): invalid pointer)");
+  return {user, user, &guard_free, kDevice};
+}
 
 struct EchoAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t nbytes) override {
     if (nbytes == 0) return {nullptr, nullptr, &echo_free, kDevice};
-    if (g_fault.load() == ALLOC_ROUND_UP && nbytes % 64 != 0) {
+    bool round_up = g_fault.load() == ALLOC_ROUND_UP && nbytes % 64 != 0;
+    if (g_guard.load()) return guarded_allocate(nbytes, round_up);
+    if (round_up) {
       size_t rounded = (nbytes + 63) / 64 * 64;
       char* base = static_cast<char*>(std::malloc(rounded + 64));
       void* user = base + 8;  // bookkeeping header; the deleter below is not told about it
@@ -51,7 +132,7 @@ struct EchoAllocator final : c10::Allocator {
     void* p = std::malloc(nbytes);
     return {p, p, &echo_free, kDevice};
   }
-  c10::DeleterFnPtr raw_deleter() const override { return &echo_free; }
+  c10::DeleterFnPtr raw_deleter() const override { return g_guard.load() ? &guard_free : &echo_free; }
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     std::memcpy(dest, src, count);
   }
@@ -340,7 +421,27 @@ void register_hooks() {
   }
 }
 
+void set_guard(bool on) { g_guard.store(on); }
+
+// Events since the last call; with ``check``, every live block's red zones are checked first.
+std::vector<std::string> guard_events(bool check) {
+  std::lock_guard<std::mutex> lock(g_guard_mutex);
+  if (check)
+    for (auto& kv : g_guard_live) check_block(kv.first, kv.second, "at an op boundary");
+  std::vector<std::string> out;
+  out.swap(g_guard_events);
+  return out;
+}
+
+int64_t guard_live_blocks() {
+  std::lock_guard<std::mutex> lock(g_guard_mutex);
+  return static_cast<int64_t>(g_guard_live.size());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_guard", &set_guard);
+  m.def("guard_events", &guard_events);
+  m.def("guard_live_blocks", &guard_live_blocks);
   m.def("set_fault", &set_fault);
   m.def("native_counts", &native_counts);
   m.def("fallback_counts", &fallback_counts);
