@@ -74,7 +74,9 @@ def isolate_by_default(target: str) -> bool:
     cpu* / cuda* dtype targets run torch's own kernels: they run in this process, which saves the
     child's start, imports and state transfer (11 s of a 60 s 0.6B run on the lent H200); a Python
     exception there is still a crash report (``_capture_in_process``)."""
-    return not is_builtin(target)
+    from tensordiff.backends.registry import is_registered
+
+    return not is_builtin(target) and not is_registered(target)  # a registered one exists only here
 
 
 def build_device(job: TraceJob) -> str:

@@ -153,7 +153,38 @@ def _device_module(name: str) -> Backend | None:
     return Backend(name, device, torch.float32, info={"module": module})
 
 
+# Backends handed over in this process (``register``): a pytest helper's kernel, a notebook's module.
+# They exist only here, so a trace job naming one runs in this process (no isolated child).
+_REGISTERED: dict[str, object] = {}
+
+
+def register(name: str, obj) -> None:
+    """Make ``obj`` (a Backend, a plugin ``fn(model) -> nn.Module`` or an attention kernel
+    ``fn(q, k, v, causal, scale[, mask])``) the backend called ``name`` in this process."""
+    _REGISTERED[name] = obj
+
+
+def is_registered(name: str) -> bool:
+    return name in _REGISTERED
+
+
+def _registered(name: str) -> Backend | None:
+    obj = _REGISTERED.get(name)
+    if obj is None:
+        return None
+    if isinstance(obj, Backend):
+        return obj
+    from tensordiff.backends.flash_attn import is_attention_kernel, use_attention_kernel
+
+    if is_attention_kernel(obj):
+        return Backend(name, plugin=lambda model: use_attention_kernel(model, obj, name),
+                       info={"plugin": name, "kernel": f"attention kernel {name}"})
+    return Backend(name, plugin=obj, info={"plugin": name})
+
+
 def get_backend(name: str, fault: str = "none") -> Backend:
+    if name in _REGISTERED and fault == "none":
+        return _registered(name)
     if fault != "none" and name not in ("echo_npu", "kt_moe", "flash_attn"):
         raise TensordiffError(f"--fault applies to the echo_npu, kt_moe and flash_attn targets only (target is {name!r})")
     device = _echo_npu(name, fault) or _kt_moe(name, fault) or _flash_attn(name, fault) or _device_module(name)
