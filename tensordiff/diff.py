@@ -252,6 +252,7 @@ def diff(reference, target, atol: float | None = None, rtol: float | None = None
     localize(result, ref, tgt)
     result.notes += drill_notes(tgt.meta.get("drill_down"), result.culprit)
     result.notes += kernel_notes(tgt.index, tgt.meta.get("backend") or {}, policy)
+    result.notes += (tgt.meta.get("attention_rule") or {}).get("lines") or []
     result.notes += expert_probe_notes(tgt.meta.get("expert_probe") or {}, result.culprit)
     attach_error_maps(result, ref, tgt)
     guard = tgt.meta.get("guard")

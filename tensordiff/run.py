@@ -154,6 +154,8 @@ def _capture_role(job: TraceJob, role: str, bundle=None, crash_safe: bool = Fals
     result = capture(model, inputs, Path(job.out) / f"{role}.h5", level=job.level, save=job.save,
                      backward=job.backward, module_filter=job.module_filter, metadata=meta,
                      replay_model=replay, synchronous=crash_safe, budget=_budget(job), guard=guard)
+    if backend.info.get("attention_kernel") and role == "target":
+        _judge_attention(backend, model, inputs, Path(job.out) / f"{role}.h5")
     if replay is not None and job.save == "full":
         _probe_experts_beyond(job, model, replay, Path(job.out) / f"{role}.h5")
     timing[f"{role}_traced_s"] = result.seconds
@@ -167,6 +169,19 @@ def _capture_role(job: TraceJob, role: str, bundle=None, crash_safe: bool = Fals
         plain = timing[f"{role}_plain_s"]
         timing[f"{role}_overhead_x"] = result.seconds / plain if plain > 0 else None
     return timing
+
+
+def _judge_attention(backend, model, inputs, path: Path) -> None:
+    """Kernel authors' rule for an attention kernel, per call, beside our verdict: one more forward
+    outside the capture (its float64 and plain-dtype attentions must not become records)."""
+    from tensordiff.backends.flash_attn import judge_lines, judging
+    from tensordiff.trace import annotate
+
+    status("judging each attention call by kernel authors' rule")
+    with judging() as calls, torch.no_grad():
+        model(*inputs.args, **inputs.kwargs)
+    annotate(path, attention_rule={"lines": judge_lines(calls, backend.info.get("kernel", backend.name)),
+                                   "calls": calls})
 
 
 def _probe_experts_beyond(job: TraceJob, model, replay, path: Path) -> None:

@@ -57,6 +57,13 @@ def test_seq_cap_fault_localized_in_a_model_and_clean_run_matches(tmp_path):
     clean = trace_job(make_job(tmp_path, name="clean", seq_len=384, target="flash_attn", isolate=False)).result
     assert clean.verdict == "match", clean.notes
     assert clean.meta["target"]["backend"]["kernel"].startswith("tensordiff tiled online-softmax")
+    # kernel authors' rule beside our verdict: every call of the clean kernel passes it, layer 0 of the
+    # capped one fails it
+    rule = [n for n in clean.notes if n.startswith("kernel authors' rule")]
+    layers = sum(k.endswith("self_attn/forward#0/output.0") for k in clean.table["key"])
+    assert layers == 4 and len(rule) == 1 and "passes in all 4 calls" in rule[0], clean.notes
+    bad_rule = [n for n in res.notes if n.startswith("kernel authors' rule")]
+    assert len(bad_rule) == 1 and "FAILS in 4 of 4 calls (first: layer 0," in bad_rule[0], res.notes
 
 
 KERNELS = '''

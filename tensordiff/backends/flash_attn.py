@@ -83,6 +83,64 @@ def _allowed(attention_mask, q_len: int, k_len: int) -> torch.Tensor | None:
     return attention_mask[..., :k_len] == 0  # additive float mask: 0 where allowed
 
 
+# Kernel authors' rule (FlashAttention's tests), applied per call while a capture runs: the kernel's
+# max error to a float64 attention on the same q, k, v at most twice that of plain attention in the
+# kernel's dtype, plus twice the dtype's rounding at the output's magnitude. None: not judging.
+_JUDGED: list | None = None
+
+
+class judging:
+    """``with judging() as calls:`` every call of an attention kernel routed here is judged."""
+
+    def __enter__(self) -> list:
+        global _JUDGED
+        _JUDGED = []
+        return _JUDGED
+
+    def __exit__(self, *exc):
+        global _JUDGED
+        _JUDGED = None
+
+
+def _plain(q, k, v, allowed, scale):
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if allowed is None:
+        allowed = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril(k.shape[-2] - q.shape[-2])
+    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
+
+
+def judge_call(layer, q, k, v, allowed, scale, out) -> dict:
+    """One call by kernel authors' rule, one head at a time (bounded memory at long lengths)."""
+    err = plain_err = rounding = 0.0
+    for h in range(q.shape[1]):
+        sl = lambda x: x[:, h:h + 1] if x is not None and x.dim() == 4 and x.shape[1] > 1 else x  # noqa: E731
+        exact = _plain(*(sl(x).double() for x in (q, k, v)), sl(allowed), scale)
+        plain = _plain(sl(q), sl(k), sl(v), sl(allowed), scale)
+        ok = torch.isfinite(exact)
+        err = max(err, float(torch.where(ok, (sl(out).double() - exact).abs(), 0.0).max()))
+        plain_err = max(plain_err, float(torch.where(ok, (plain.double() - exact).abs(), 0.0).max()))
+        rounding = max(rounding, float(torch.where(ok, (exact.to(q.dtype) + 0.3 - 0.3).double() - exact, 0.0).abs().max()))
+    allowed_err = 2 * plain_err + 2 * rounding
+    return {"layer": layer, "max_err": err, "plain_max_err": plain_err, "allowed": allowed_err,
+            "passes": err <= allowed_err, "dtype": str(q.dtype).replace("torch.", "")}
+
+
+def judge_lines(calls: list, kernel: str) -> list[str]:
+    """The report's line: how many calls pass kernel authors' rule, and the worst."""
+    if not calls:
+        return []
+    failing = [c for c in calls if not c["passes"]]
+    worst = max(calls, key=lambda c: c["max_err"] / max(c["allowed"], 1e-300))
+    rule = (f"kernel authors' rule for {kernel} (FlashAttention's tests: max error to float64 at most 2x plain "
+            f"{worst['dtype']} attention's + rounding)")
+    where = f"layer {worst['layer']}" if worst["layer"] is not None else "a call"
+    if failing:
+        return [f"{rule}: FAILS in {len(failing)} of {len(calls)} calls (first: layer {failing[0]['layer']}, "
+                f"{failing[0]['max_err']:.3g} vs {failing[0]['allowed']:.3g} allowed)"]
+    return [f"{rule}: passes in all {len(calls)} calls (closest: {where}, {worst['max_err']:.3g} vs "
+            f"{worst['allowed']:.3g} allowed)"]
+
+
 def attention_interface(kernel):
     """An AttentionInterface function around ``kernel(q, k, v, allowed, scale) -> [b, h, s, d]``:
     transformers hands q [b, h, s, d] and k / v [b, h_kv, sk, d] (key / value heads are repeated here
@@ -94,7 +152,12 @@ def attention_interface(kernel):
             key = key.repeat_interleave(groups, dim=1)
             value = value.repeat_interleave(groups, dim=1)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        out = kernel(query, key, value, _allowed(attention_mask, query.shape[2], key.shape[2]), scale)
+        allowed = _allowed(attention_mask, query.shape[2], key.shape[2])
+        out = kernel(query, key, value, allowed, scale)
+        if _JUDGED is not None:
+            with torch.no_grad():
+                _JUDGED.append(judge_call(getattr(module, "layer_idx", None), query.detach(), key.detach(),
+                                          value.detach(), allowed, scale, out.detach()))
         return out.transpose(1, 2).contiguous(), None
 
     return attention

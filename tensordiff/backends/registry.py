@@ -123,7 +123,7 @@ def _flash_attn(name: str, fault: str) -> Backend | None:
 
     if fault not in FAULTS:
         raise TensordiffError(f"unknown --fault {fault!r} for flash_attn; choose one of {', '.join(FAULTS)}")
-    info = {"kernel": "tensordiff tiled online-softmax FlashAttention (CPU)", "block_q": BLOCK_Q,
+    info = {"kernel": "tensordiff tiled online-softmax FlashAttention (CPU)", "attention_kernel": True, "block_q": BLOCK_Q,
             "block_k": BLOCK_K, "fault": fault}
     return Backend(name, "cpu", torch.float32, plugin=lambda model: use_flash_attention(model, fault), info=info)
 
@@ -178,7 +178,7 @@ def _registered(name: str) -> Backend | None:
 
     if is_attention_kernel(obj):
         return Backend(name, plugin=lambda model: use_attention_kernel(model, obj, name),
-                       info={"plugin": name, "kernel": f"attention kernel {name}"})
+                       info={"plugin": name, "kernel": f"attention kernel {name}", "attention_kernel": True})
     return Backend(name, plugin=obj, info={"plugin": name})
 
 
@@ -200,7 +200,7 @@ def get_backend(name: str, fault: str = "none") -> Backend:
         fn = _from_file(name)
         if is_attention_kernel(fn):  # kernel(q, k, v, causal, scale): it computes the model's attention
             return Backend(name, plugin=lambda model: use_attention_kernel(model, fn, name),
-                           info={"plugin": name, "kernel": f"attention kernel {name}"})
+                           info={"plugin": name, "kernel": f"attention kernel {name}", "attention_kernel": True})
         return Backend(name, plugin=fn, info={"plugin": name})
     eps = _entry_points()
     if name in eps:
