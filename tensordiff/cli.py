@@ -110,6 +110,9 @@ def trace(
                                             "'PATTERN=ATOL,RTOL,REL_L2' (fnmatch on keys; repeatable)."),
     guard: bool = typer.Option(False, "--guard", help="Buffer guard on the target: live buffers sharing "
                                "memory, sealed buffers changed before they are read, and the op that wrote."),
+    timing: bool = typer.Option(False, "--timing", help="Time each module (CUDA events on a GPU) and count the "
+                                "memory its ops allocate, reference and target side by side (two more "
+                                "forwards per side, not captured)."),
     sweep_seq: Optional[str] = typer.Option(None, "--sweep-seq", help="Run the pair at each of these sequence "
                                             "lengths (4,64,256,1024 or a range 4..4096) and say where it starts "
                                             "to fail; runs go to OUT/seq_N."),
@@ -125,7 +128,7 @@ def trace(
                    seq_len=seq_len, seed=seed, level=level, save=save, backward=backward,
                    module_filter=filter, attention_mask=attention_mask, atol=atol, rtol=rtol, fault=fault,
                    isolate=isolate, judge_fp64=_judge_mode(judge), per_pattern=_parse_tolerances(tol),
-                   replay=replay, guard=guard)
+                   replay=replay, guard=guard, timing=timing)
     import time
 
     from tensordiff import progress

@@ -34,6 +34,7 @@ class DiffResult:
     unmatched: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    cost: dict | None = None   # time per forward per side; with --timing per module (analysis/cost)
     guard: dict | None = None  # --guard: the target's buffer findings (summary lines, findings)
     crash: dict | None = None
     flips: list = field(default_factory=list)
@@ -255,6 +256,10 @@ def diff(reference, target, atol: float | None = None, rtol: float | None = None
     result.notes += (tgt.meta.get("attention_rule") or {}).get("lines") or []
     result.notes += expert_probe_notes(tgt.meta.get("expert_probe") or {}, result.culprit)
     attach_error_maps(result, ref, tgt)
+    from tensordiff.analysis.cost import cost_section
+
+    result.cost, lines = cost_section(result.timing, ref.meta, tgt.meta)
+    result.notes += lines
     guard = tgt.meta.get("guard")
     if guard is not None:
         result.guard = guard

@@ -47,6 +47,7 @@ class TraceJob:
     isolate: bool | None = None  # None: isolate_by_default(target)
     model_class: str | None = None
     guard: bool = False  # buffer guard on the target (see tensordiff.guard)
+    timing: bool = False  # per-module time and allocations per side (analysis/cost)
     state_dir: str | None = None  # where an isolated child finds the parent's state (default: out)
 
     def __post_init__(self):
@@ -168,6 +169,15 @@ def _capture_role(job: TraceJob, role: str, bundle=None, crash_safe: bool = Fals
     if job.time_plain:
         plain = timing[f"{role}_plain_s"]
         timing[f"{role}_overhead_x"] = result.seconds / plain if plain > 0 else None
+        if role == "target":
+            timing.update(_time_side_by_side(job, bundle, model, inputs))
+    if job.timing:
+        from tensordiff.analysis.cost import measure_cost
+        from tensordiff.trace import annotate
+
+        status(f"timing each module of the {role}")
+        annotate(Path(job.out) / f"{role}.h5",
+                 cost=measure_cost(model, inputs, timing.get(f"{role}_plain_s"), job.batch * job.seq_len))
     return timing
 
 
@@ -220,6 +230,22 @@ def _probe_experts_beyond(job: TraceJob, model, replay, path: Path) -> None:
                             **describe_probe(rows, budget(row["key"], row["dtype"]), int(gate_up.shape[0]))}
     if found:
         annotate(path, expert_probe=found)
+
+
+def _time_side_by_side(job: TraceJob, bundle, model, inputs) -> dict:
+    """Reference and target timed alternately in one loop (the reference rebuilt from the bundle: a
+    shared-weights copy where device and dtype allow)."""
+    from tensordiff.tracing import time_side_by_side
+
+    status("timing the reference and the target side by side")
+    ref_backend = get_backend(job.reference)
+    try:
+        reference = ref_backend(bundle.model)
+        ref_s, tgt_s = time_side_by_side(reference, ref_backend.inputs(bundle.inputs.clone()), model, inputs,
+                                         job.backward)
+    except Exception as exc:  # the comparison is extra: a failure here must not lose the trace
+        return {"side_by_side_error": f"{type(exc).__name__}: {exc}"}
+    return {"side_by_side_reference_s": ref_s, "side_by_side_target_s": tgt_s}
 
 
 def _time_plain(job: TraceJob, role: str, model, inputs) -> dict:

@@ -159,6 +159,23 @@ def _forward_then_backward(model, inputs, backward, loss_fn=default_loss, sessio
     return output
 
 
+def time_side_by_side(reference, ref_inputs, target, tgt_inputs, backward: bool, repeats: int = 5) -> tuple[float, float]:
+    """Median seconds per un-probed run of the reference and of the target, timed alternately in one
+    loop (after a warm-up of each): a ratio measured side by side, not across phases of the job whose
+    load on the machine may differ (a 5x false difference was seen on a loaded 2-core VM)."""
+    sides = [(reference, _as_inputs(ref_inputs)), (target, _as_inputs(tgt_inputs))]
+    times = [[], []]
+    for i in range(repeats + 1):
+        for j, (model, inputs) in enumerate(sides):
+            start = time.perf_counter()
+            _forward_then_backward(model, inputs, backward)
+            _sync()
+            if i:
+                times[j].append(time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)
+    return tuple(sorted(t)[len(t) // 2] for t in times)
+
+
 def time_plain_forward(model, inputs: Inputs, backward: bool, repeats: int = 3) -> float:
     """Median seconds of an un-probed run (after one warm-up), for the overhead column in summary."""
     inputs = _as_inputs(inputs)

@@ -148,6 +148,13 @@ def render_html(result) -> str:
     if nan_lines:
         body += [f"<h2>{_e(nan_lines[1][3:])}</h2>", f"<pre>{_e(chr(10).join(nan_lines[4:-1]))}</pre>"]
     body += ["<h2>Counts</h2>", _table(("what", "number"), list(result.counts.items()))]
+    if result.cost:
+        from tensordiff.render.markdown import COST_COLUMNS, cost_lines, cost_rows
+
+        body += ["<h2>Cost side by side</h2>"] + [f"<p>{_e(l)}</p>" for l in cost_lines(result)]
+        rows = cost_rows(result)
+        if rows:
+            body.append(_table(COST_COLUMNS, rows))
     if result.timing:
         body += ["<h2>Timing</h2>", _table(("what", "value"), [(k, fmt(v) if isinstance(v, float) else v)
                                                                 for k, v in result.timing.items()])]

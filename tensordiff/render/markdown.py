@@ -68,6 +68,27 @@ def nan_section(result) -> list[str]:
                 "inside a module)", "", "```"] + lines + ["```"]
 
 
+COST_COLUMNS = ("module (all layers)", "reference self s", "target self s", "slowdown", "target calls",
+                "reference allocates", "target allocates", "target's largest buffer")
+
+
+def cost_rows(result, limit: int = 40) -> list[list[str]]:
+    """--timing: modules grouped over layers, the target's extra time first."""
+    from tensordiff.analysis.cost import _bytes
+
+    rows = (result.cost or {}).get("modules") or []
+    return [[g["module"], fmt(g["ref_self_s"]), fmt(g["tgt_self_s"]),
+             f"{g['slowdown_x']:.3g}x" if g.get("slowdown_x") else "-", str(g["tgt_calls"]),
+             _bytes(g["ref_alloc"]), _bytes(g["tgt_alloc"]),
+             f"{_bytes(g['tgt_largest'])} ({g['tgt_largest_op']})" if g["tgt_largest"] else "-"]
+            for g in rows[:limit]]
+
+
+def cost_lines(result) -> list[str]:
+    return [n for n in result.notes if n.startswith(("time per forward", "time (own code", "memory:",
+                                                     "timing overhead"))]
+
+
 def render_markdown(result) -> str:
     out = ["# tensordiff report", ""]
     out += [f"**{_cell(line)}**" if i == 0 else f"- {_cell(line)}" for i, line in enumerate(headline(result))]
@@ -92,6 +113,12 @@ def render_markdown(result) -> str:
     counts = result.counts
     out += ["", "## Counts", "", "| what | number |", "|---|---|"]
     out += [f"| {_cell(k)} | {_cell(v)} |" for k, v in counts.items()]
+    if result.cost:
+        out += ["", "## Cost side by side", ""] + [f"- {_cell(l)}" for l in cost_lines(result)]
+        rows = cost_rows(result)
+        if rows:
+            out += ["", "| " + " | ".join(COST_COLUMNS) + " |", "|" + "---|" * len(COST_COLUMNS)]
+            out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     if result.timing:
         out += ["", "## Timing (seconds)", "", "| what | value |", "|---|---|"]
         out += [f"| {_cell(k)} | {_cell(fmt(v) if isinstance(v, float) else v)} |" for k, v in result.timing.items()]

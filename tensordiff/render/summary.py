@@ -58,6 +58,7 @@ def summary_dict(result) -> dict:
         "load": result.load,
         "nan_hunt": result.nan_hunt,
         "guard": result.guard,
+        "cost": result.cost,
         "records": records,
         "meta": {"reference": result.reference, "target": result.target, **result.meta},
     })
