@@ -321,6 +321,33 @@ def guard_script(
     raise typer.Exit(EXIT_FOUND if lines else EXIT_MATCH)
 
 
+@app.command("weights")
+def weights_cmd(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint: a folder of .safetensors / .bin / .pt, or one file."),
+    model: str = typer.Option(..., "--model", help="config.json, its folder, or a built-in model (qwen, qwen-moe)."),
+    size: str = typer.Option("tiny", help="Built-in model size (with --model qwen / qwen-moe)."),
+    batch: int = typer.Option(1, help="Memory plan: batch."),
+    seq_len: int = typer.Option(4096, help="Memory plan: tokens per sequence (KV cache and activations)."),
+    engine_manifest: Optional[Path] = typer.Option(None, "--engine-manifest", help="JSON an engine wrote: the "
+                                                   "tensors it looked for, its dimensions, its arena bytes."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON (schema tensordiff-weights/1)."),
+):
+    """Check a checkpoint against the model's config (and an engine's manifest): missing, unexpected,
+    shape / dtype mismatches, fused vs per-expert layouts, config fields the weights contradict, and a
+    memory plan. Exit 0 consistent, 1 findings, 2 bad input."""
+    import json
+
+    from tensordiff.engines.weights import check_weights
+
+    report = check_weights(checkpoint, model, size, batch, seq_len, engine_manifest)
+    if json_out:
+        typer.echo(json.dumps(report.to_dict(), indent=1, default=str))
+    else:
+        for line in report.lines():
+            typer.echo(line)
+    raise typer.Exit(EXIT_MATCH if report.consistent else EXIT_FOUND)
+
+
 @app.command()
 def faults():
     """List the planted fault modes of the echo_npu, kt_moe and flash_attn targets."""

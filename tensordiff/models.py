@@ -81,11 +81,8 @@ def _token_inputs(vocab: int, batch: int, seq_len: int, seed: int, attention_mas
     return Inputs((), kwargs)
 
 
-def _qwen(moe: bool, size: str, seed: int, attn: str, empty: bool = False, device: str = "cpu") -> torch.nn.Module:
-    """A random Qwen3 / Qwen3-MoE, initialised on ``device`` (the same seed gives other numbers on a
-    GPU than on the host; every side of a run copies this one model). ``empty``: allocated but not
-    initialised (its state is about to be loaded, as in an isolated target's child): a 0.6B model's
-    random init costs ~17 s of CPU."""
+def qwen_config(moe: bool, size: str):
+    """(config, model class) of the built-in Qwen3 / Qwen3-MoE at ``size``."""
     import transformers
 
     table = QWEN_MOE_SIZES if moe else QWEN_SIZES
@@ -94,11 +91,16 @@ def _qwen(moe: bool, size: str, seed: int, attn: str, empty: bool = False, devic
     dims = dict(table[size], max_position_embeddings=4096, tie_word_embeddings=False)
     if moe:
         dims.update(num_experts=64, num_experts_per_tok=6, norm_topk_prob=True, decoder_sparse_step=1)
-        config = transformers.Qwen3MoeConfig(**dims)
-        cls = transformers.Qwen3MoeForCausalLM
-    else:
-        config = transformers.Qwen3Config(**dims)
-        cls = transformers.Qwen3ForCausalLM
+        return transformers.Qwen3MoeConfig(**dims), transformers.Qwen3MoeForCausalLM
+    return transformers.Qwen3Config(**dims), transformers.Qwen3ForCausalLM
+
+
+def _qwen(moe: bool, size: str, seed: int, attn: str, empty: bool = False, device: str = "cpu") -> torch.nn.Module:
+    """A random Qwen3 / Qwen3-MoE, initialised on ``device`` (the same seed gives other numbers on a
+    GPU than on the host; every side of a run copies this one model). ``empty``: allocated but not
+    initialised (its state is about to be loaded, as in an isolated target's child): a 0.6B model's
+    random init costs ~17 s of CPU."""
+    config, cls = qwen_config(moe, size)
     config._attn_implementation = attn
     config.use_cache = False  # a KV cache would be mutated again by every replay of an attention call
     torch.manual_seed(seed)
