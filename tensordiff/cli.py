@@ -321,6 +321,49 @@ def guard_script(
     raise typer.Exit(EXIT_FOUND if lines else EXIT_MATCH)
 
 
+@app.command("import")
+def import_cmd(
+    dump: Path = typer.Argument(..., help="Folder of the engine's dumped tensors (.npy, .safetensors, .pt, "
+                                "raw binary + manifest.json)."),
+    map_file: Optional[Path] = typer.Option(None, "--map", help="Map (TOML or JSON): engine names -> records."),
+    output: Path = typer.Option(Path("target.h5"), "-o", "--output", help="The trace to write."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="Reference trace: record order, shape "
+                                             "checks, records nothing maps to."),
+    reference_model: Optional[str] = typer.Option(None, "--reference-model", help="Model (checkpoint folder) "
+                                                  "for offline replay: local error of modules whose inputs "
+                                                  "and output are imported."),
+    suggest_map: bool = typer.Option(False, "--suggest-map", help="Print a starting map from the dump and "
+                                     "--reference, write nothing."),
+):
+    """Import an engine's dumped tensors as a trace (then `tensordiff diff REF.h5 TARGET.h5`)."""
+    from tensordiff.engines.importer import import_dump, suggest_map as suggest
+    from tensordiff.errors import TensordiffError
+
+    if suggest_map:
+        if reference is None:
+            raise TensordiffError("--suggest-map pairs the dump's names with a reference trace's records: give "
+                                  "--reference REF.h5")
+        typer.echo(suggest(dump, reference))
+        return
+    if map_file is None:
+        raise TensordiffError("import needs --map MAP.toml (or --suggest-map --reference REF.h5 to start one)")
+    model = None
+    if reference_model is not None:
+        from tensordiff.models import load_model
+
+        model = load_model(reference_model, seq_len=1).model
+    result = import_dump(dump, map_file, output, reference, model)
+    typer.echo(f"wrote {output}: {len(result.records)} records from {dump}"
+               + (f"; local error for {len(result.local)} module(s) by offline replay" if result.local else
+                  "; outputs only (no offline replay): the diff gives the first divergence"))
+    if result.unmapped:
+        typer.echo(f"  {len(result.unmapped)} dumped name(s) no rule maps: {', '.join(result.unmapped[:8])}"
+                   + (" ..." if len(result.unmapped) > 8 else ""))
+    if result.missing:
+        typer.echo(f"  {len(result.missing)} reference module output(s) nothing maps to (e.g. "
+                   f"{', '.join(result.missing[:3])})")
+
+
 @app.command("weights")
 def weights_cmd(
     checkpoint: Path = typer.Argument(..., help="Checkpoint: a folder of .safetensors / .bin / .pt, or one file."),

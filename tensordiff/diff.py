@@ -254,6 +254,13 @@ def diff(reference, target, atol: float | None = None, rtol: float | None = None
     result.notes += drill_notes(tgt.meta.get("drill_down"), result.culprit)
     result.notes += kernel_notes(tgt.index, tgt.meta.get("backend") or {}, policy)
     result.notes += (tgt.meta.get("attention_rule") or {}).get("lines") or []
+    imported = tgt.meta.get("import")
+    if imported:  # an engine outside PyTorch: say what the localization rests on
+        result.notes.append(f"target imported from {tgt.meta['backend'].get('dump')} by "
+                            f"{tgt.meta['backend'].get('map')}: {imported['records']} records; local error: "
+                            f"{imported['local_error']}"
+                            + (f"; {len(imported['unmapped_names'])} dumped names unmapped"
+                               if imported["unmapped_names"] else ""))
     result.notes += expert_probe_notes(tgt.meta.get("expert_probe") or {}, result.culprit)
     attach_error_maps(result, ref, tgt)
     from tensordiff.analysis.cost import cost_section
