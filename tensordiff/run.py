@@ -149,7 +149,7 @@ def _capture_role(job: TraceJob, role: str, bundle=None, crash_safe: bool = Fals
     # takes the one-time costs (kernel selection, lazy inits) out of the capture's figure.
     plain_first = job.time_plain and is_builtin(backend.name)
     if plain_first:
-        timing.update(_time_plain(job, role, model, inputs))
+        timing.update(_time_plain(job, role, model, inputs, bundle))
     status(f"capturing the {role} ({backend.name}{', with replay' if role == 'target' and job.replay else ''})")
     replay = _replay_model(job, bundle.model) if (role == "target" and job.replay) else None
     result = capture(model, inputs, Path(job.out) / f"{role}.h5", level=job.level, save=job.save,
@@ -165,12 +165,10 @@ def _capture_role(job: TraceJob, role: str, bundle=None, crash_safe: bool = Fals
 
         timing["echo_npu_ops"] = op_counts()
     if job.time_plain and not plain_first:
-        timing.update(_time_plain(job, role, model, inputs))
+        timing.update(_time_plain(job, role, model, inputs, bundle))
     if job.time_plain:
         plain = timing[f"{role}_plain_s"]
         timing[f"{role}_overhead_x"] = result.seconds / plain if plain > 0 else None
-        if role == "target":
-            timing.update(_time_side_by_side(job, bundle, model, inputs))
     if job.timing:
         from tensordiff.analysis.cost import measure_cost
         from tensordiff.trace import annotate
@@ -248,7 +246,13 @@ def _time_side_by_side(job: TraceJob, bundle, model, inputs) -> dict:
     return {"side_by_side_reference_s": ref_s, "side_by_side_target_s": tgt_s}
 
 
-def _time_plain(job: TraceJob, role: str, model, inputs) -> dict:
+def _time_plain(job: TraceJob, role: str, model, inputs, bundle) -> dict:
+    """The side's plain forward time; the target's is timed alternately with the reference's (as many
+    target runs as a lone timing: slow targets pay nothing more)."""
+    if role == "target":
+        side = _time_side_by_side(job, bundle, model, inputs)
+        if "side_by_side_target_s" in side:
+            return {"target_plain_s": side["side_by_side_target_s"], **side}
     status(f"timing a plain run of the {role}")
     return {f"{role}_plain_s": time_plain_forward(model, inputs, job.backward)}
 

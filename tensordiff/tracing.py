@@ -159,7 +159,7 @@ def _forward_then_backward(model, inputs, backward, loss_fn=default_loss, sessio
     return output
 
 
-def time_side_by_side(reference, ref_inputs, target, tgt_inputs, backward: bool, repeats: int = 5) -> tuple[float, float]:
+def time_side_by_side(reference, ref_inputs, target, tgt_inputs, backward: bool, repeats: int = 3) -> tuple[float, float]:
     """Median seconds per un-probed run of the reference and of the target, timed alternately in one
     loop (after a warm-up of each): a ratio measured side by side, not across phases of the job whose
     load on the machine may differ (a 5x false difference was seen on a loaded 2-core VM)."""

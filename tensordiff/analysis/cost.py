@@ -243,7 +243,7 @@ def cost_section(timing: dict, ref_meta: dict, tgt_meta: dict) -> tuple[dict | N
     lines = []
     out = {}
     ref_s, tgt_s = timing.get("side_by_side_reference_s"), timing.get("side_by_side_target_s")
-    how = "timed alternately, median of 5"
+    how = "timed alternately, median of 3"
     if not (ref_s and tgt_s):
         ref_s, tgt_s = timing.get("reference_plain_s"), timing.get("target_plain_s")
         how = "timed apart, median of 3"

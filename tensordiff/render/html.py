@@ -22,8 +22,8 @@ th{background:#f0f0f0;cursor:pointer}tr.introduces td{background:#fbd5d5}tr.ampl
 tr.introduces\\? td{background:#fde6e6}pre{background:#f7f7f7;padding:.5em;overflow:auto;max-height:30em}
 """
 _SORT_JS = """
-document.querySelectorAll('table.sortable th').forEach(function(th, col){th.onclick=function(){
- var tb=th.closest('table').tBodies[0], rows=Array.from(tb.rows), asc=th.dataset.asc!=='1';
+document.querySelectorAll('table.sortable th').forEach(function(th){th.onclick=function(){
+ var col=th.cellIndex, tb=th.closest('table').tBodies[0], rows=Array.from(tb.rows), asc=th.dataset.asc!=='1';
  rows.sort(function(a,b){var x=a.cells[col].textContent, y=b.cells[col].textContent,
   nx=parseFloat(x), ny=parseFloat(y); if(x==='inf')nx=Infinity; if(y==='inf')ny=Infinity;
   var c=(!isNaN(nx)&&!isNaN(ny))?nx-ny:x.localeCompare(y); return asc?c:-c;});
