@@ -6,7 +6,7 @@ A map (TOML or JSON) is a list of rules, tried in order; a name's first full mat
 
     [[rule]]
     name = 'blk\\.(\\d+)\\.attn_norm'                             # regex on the engine's name, full match
-    record = 'model.layers.\\1.input_layernorm'                   # a module (its forward#0/output.0) or a key
+    record = 'model.layers.\\1.input_layernorm'                   # a module (its forward#0/output.0), a key, or a list
     transform = ["unsqueeze(0)"]                                  # layout: transpose, permute, reshape, ...
 
     [[rule]]
@@ -100,8 +100,9 @@ def load_map(path) -> list[Rule]:
             if not isinstance(split, dict) or not isinstance(split.get("records"), list) or len(split["records"]) < 2:
                 raise TensordiffError(f"{where}: split needs {{dim = D, records = [two or more]}}")
             records, split_dim = list(split["records"]), int(split.get("dim", -1))
-        elif "record" in entry:
-            records, split_dim = [entry["record"]], None
+        elif "record" in entry:  # one record, or a list: the same tensor is each (a block's input is its norm's)
+            records = entry["record"] if isinstance(entry["record"], list) else [entry["record"]]
+            split_dim = None
         else:
             raise TensordiffError(f"{where}: needs a record (or a split)")
         transform = entry.get("transform") or []
@@ -190,7 +191,8 @@ def map_dump(dump_dir, rules: list[Rule], map_path: str = "map") -> Imported:
         where = f"{map_path}: {rule.describe()} on {files[name]}: tensor {name!r}"
         for text in rule.transform:
             t = _apply(t, text, m, where)
-        parts = [t] if rule.split_dim is None else list(torch.chunk(t, len(rule.records), dim=rule.split_dim))
+        parts = [t] * len(rule.records) if rule.split_dim is None else \
+            list(torch.chunk(t, len(rule.records), dim=rule.split_dim))
         if rule.split_dim is not None and (t.shape[rule.split_dim] % len(rule.records)):
             raise TensordiffError(f"{where}: dim {rule.split_dim} of size {t.shape[rule.split_dim]} does not split "
                                   f"into {len(rule.records)} equal parts")
