@@ -11,23 +11,35 @@ from tensordiff.run import trace_job
 from tests.conftest import make_job
 
 
-def _qkv(seq=2048, heads=4, dim=64, seed=0):
+def _qkv(seq=2048, heads=8, dim=64, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(1, heads, seq, dim, generator=gen) for _ in range(3)]
 
 
-def _sdpa(q, k, v):
-    return torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+def _sdpa(q, k, v, causal=True):
+    return torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal)
 
 
-def test_clean_kernel_is_exact_at_2048_positions():
-    q, k, v = _qkv()
-    out = flash_attention(q, k, v, None, q.shape[-1] ** -0.5)
-    exact = _sdpa(q, k, v)
-    plain = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # same dtype, not tiled
+@pytest.mark.parametrize("causal,dim", [(True, 64), (False, 128)])
+def test_clean_kernel_is_exact_at_2048_positions(causal, dim):
+    """8 heads, 2048 positions, head dim 64 causal and 128 not: exact up to float rounding."""
+    q, k, v = _qkv(dim=dim)
+    allowed = None if causal else torch.ones(1, 1, 2048, 2048, dtype=torch.bool)
+    out = flash_attention(q, k, v, allowed, dim ** -0.5)
+    exact = _sdpa(q, k, v, causal)
+    plain = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)  # same dtype, not tiled
     err, err_plain = (out.double() - exact).abs().max().item(), (plain.double() - exact).abs().max().item()
     assert err < 1e-5
     assert err <= 2 * err_plain + 1e-6  # FlashAttention's own test rule: at most 2x the plain kernel's error
+
+
+def test_seq_cap_without_causal_mask_is_wrong_in_every_row():
+    """Not causal, every query reads every key: a 256-entry buffer is wrong in every row."""
+    q, k, v = _qkv(seq=1024)
+    allowed = torch.ones(1, 1, 1024, 1024, dtype=torch.bool)
+    out = flash_attention(q, k, v, allowed, 64 ** -0.5, fault="seq-cap-256")
+    axes = {a["axis"]: a for a in error_map(_sdpa(q, k, v, causal=False).float(), out, budget=1e-4)}
+    assert axes[2]["beyond"] == 1024 and axes[1]["beyond"] == 8
 
 
 @pytest.mark.parametrize("fault", ["seq-cap-256", "no-rescale", "layout-bshd"])

@@ -21,12 +21,12 @@ def test_capped_kernel_fails_past_256_with_the_boundary_the_map_and_the_model_cu
     # a seq_len-4 unit test passes
     assert assert_matches_reference(capped_attention, inputs_at=[4], in_model=None).passed
     with pytest.raises(KernelMismatch) as err:
-        assert_matches_reference(capped_attention, inputs_at=[4, 64, 512], out=str(tmp_path / "model"))
+        assert_matches_reference(capped_attention, inputs_at=[4, 64, 320], out=str(tmp_path / "model"))
     text = str(err.value)
     assert "capped_attention diverges from its reference" in text
-    assert "passes at 4, 64; fails at 512" in text
-    assert "passes at 256, fails from 257 on" in text          # bisected from 64..512 to one position
-    assert "indices >= 256 of 512 (from 256 = 2^8)" in text     # the error map of dim 2 (positions)
+    assert "passes at 4, 64; fails at 320" in text
+    assert "passes at 256, fails from 257 on" in text          # bisected from 64..320 to one position
+    assert "indices >= 256 of 320 (from 256 = 2^8)" in text     # the error map of dim 2 (positions)
     assert "culprit: model.layers.0.self_attn" in text          # the model run with the kernel
     assert (tmp_path / "model" / "summary.json").exists()
 
