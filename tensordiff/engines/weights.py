@@ -55,7 +55,7 @@ class WeightsReport:
         for f in self.findings:
             out.append(f"  {f['kind']:<10} {f['text']}")
         for layout in self.layouts:
-            out.append(f"  layout     {layout['text']}")
+            out.append(f"  {'skipped' if layout.get('ignored') else 'layout':<10} {layout['text']}")
         p = self.plan
         if p:
             weights = ", ".join(f"{_gb(b)} {d}" for d, b in p["weights_by_dtype"].items())
@@ -80,6 +80,8 @@ def _gb(n: float) -> str:
 def load_config(spec: str, size: str = "tiny"):
     """A transformers config from config.json, a folder holding one, or a built-in --model name."""
     import transformers
+
+    transformers.utils.logging.set_verbosity_error()  # its deprecation chatter is not the user's finding
 
     if spec in ("qwen", "qwen-moe"):
         from tensordiff.models import qwen_config
@@ -106,11 +108,20 @@ def load_config(spec: str, size: str = "tiny"):
 
 def expected_tensors(config) -> dict[str, TensorInfo]:
     """What the model built from ``config`` holds (built on the meta device: no memory, no init)."""
+    return _expected(config)[0]
+
+
+def _expected(config) -> tuple[dict[str, TensorInfo], list]:
+    """(expected tensors, what a checkpoint may hold beyond them: the model's non-persistent buffers
+    (older saves hold BERT's position_ids) and the class's own ignore patterns)."""
     from tensordiff.models import _model_class
 
     cls = _model_class(config, None)
     with torch.device("meta"):
         model = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
+    persistent = set(model.state_dict())
+    ignorable = [re.escape(n) + "$" for n, _ in model.named_buffers() if n not in persistent]
+    ignorable += list(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or [])
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     dtype = str(dtype).replace("torch.", "") if dtype is not None else None
     out = {}
@@ -119,7 +130,7 @@ def expected_tensors(config) -> dict[str, TensorInfo]:
                                str(t.dtype).replace("torch.", ""), "model")
     if getattr(config, "tie_word_embeddings", False):
         out.pop("lm_head.weight", None)  # the embedding is the head
-    return out
+    return out, ignorable
 
 
 def _group(name: str) -> str:
@@ -200,6 +211,11 @@ def _per_expert(infos: dict) -> dict[str, list[int]]:
 
 
 def _layout_text(layout: dict, found: dict) -> str:
+    if layout.get("ignored"):
+        names = layout["ignored"]
+        return (f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''}: in the checkpoint, not a parameter of "
+                "the model (a non-persistent buffer it computes itself, or a key its class ignores): skipped on "
+                "load, as transformers does")
     block = _group(layout["block"] + ".")[:-1]
     if layout["from"] == "per-expert":
         how = ("stack per expert, gate_proj rows then up_proj rows: gate_up_proj[e] = cat(gate_proj, up_proj)"
@@ -299,10 +315,14 @@ def memory_plan(config, found: dict, batch: int, seq_len: int, kv_dtype_bytes: i
             "total_bytes": weights + kv_per_token * tokens + activations}
 
 
-def _compare(expected: dict, found: dict) -> tuple[list[dict], list[dict]]:
+def _compare(expected: dict, found: dict, ignorable=()) -> tuple[list[dict], list[dict]]:
     layouts, used_exp, used_found, findings = match_expert_layouts(expected, found)
     missing = [n for n in expected if n not in found and n not in used_exp]
     unexpected = [n for n in found if n not in expected and n not in used_found]
+    ignored = [n for n in unexpected if any(re.search(p, n) for p in ignorable)]
+    if ignored:  # e.g. a buffer the model computes itself, saved by an older version: loaders skip it
+        unexpected = [n for n in unexpected if n not in ignored]
+        layouts.append({"block": "", "tensor": "", "from": "", "to": "", "experts": 0, "ignored": ignored})
     if missing:
         findings += [{"kind": "missing", "text": t} for t in _grouped(missing, expected)]
     if unexpected:
@@ -328,8 +348,9 @@ def check_weights(checkpoint, model: str, size: str = "tiny", batch: int = 1, se
                   engine_manifest=None) -> WeightsReport:
     found = checkpoint_tensors(checkpoint)
     config, source = load_config(model, size)
-    expected = expected_tensors(config)
-    findings, layouts = _compare(expected, found)
+    expected, ignorable = _expected(config)
+    findings, layouts = _compare(expected, found, ignorable)
+    findings += _dtype_findings(config, found)
     weight_dims = _dims_from_weights(found)
     config_dims = {k: getattr(config, k, None) for k in weight_dims}
     findings = config_findings(config_dims, weight_dims, "the config") + findings  # the cause first
@@ -358,6 +379,22 @@ def check_weights(checkpoint, model: str, size: str = "tiny", batch: int = 1, se
                                  f"smaller than the plan ({_gb(plan['total_bytes'])} at batch {batch} x {seq_len})"})
     counts = {"checkpoint": len(found), "expected": len(expected)}
     return WeightsReport(str(checkpoint), {"source": source}, counts, findings, report_layouts, plan)
+
+
+def _dtype_findings(config, found: dict) -> list[dict]:
+    """The config's dtype against what most floating tensors are stored in (a few tensors kept in float32
+    beside bf16 weights are normal; an engine that trusts config.json reads the bytes wrong otherwise)."""
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if declared is None:
+        return []
+    declared = str(declared).replace("torch.", "")
+    floats = {n: i for n, i in found.items() if i.dtype.startswith(("float", "bfloat"))}
+    other = [n for n, i in floats.items() if i.dtype != declared]
+    if not floats or len(other) * 2 <= len(floats):
+        return []
+    stored = sorted({floats[n].dtype for n in other})
+    return [{"kind": "dtype", "text": f"the config says {declared}, {len(other)} of {len(floats)} floating tensors are "
+             f"stored as {', '.join(stored)} (e.g. {other[0]})"}]
 
 
 def _dedupe(layouts: list[dict]) -> list[dict]:
