@@ -65,3 +65,24 @@ def test_a_plain_run_has_no_per_module_cost_and_no_false_slowdown(tmp_path):
     # the same kernels on both sides, timed alternately (a band: a shared 2-core VM moves single timings 2x)
     assert 1 / 3 < res.cost["slowdown_x"] < 3
     assert not any(n.startswith(("time (own code", "memory:")) for n in res.notes)
+
+
+def test_cuda_timing_uses_events_and_device_peaks(tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("no CUDA device")
+    from tensordiff.trace import open_trace
+
+    res = trace_job(make_job(tmp_path, name="gpu", seq_len=256, target="cuda-bf16", reference="cuda",
+                             timing=True, time_plain=True)).result
+    assert res.verdict == "match", res.notes
+    assert res.cost["target"]["device"].startswith("cuda")
+    with open_trace(tmp_path / "gpu" / "target.h5") as trace:
+        modules = trace.meta["cost"]["modules"]
+    root = modules["__root__"]
+    assert root["time_s"] > 0 and root["peak_device_bytes"] > 0
+    attn = modules["model.layers.0.self_attn"]
+    assert 0 < attn["time_s"] < root["time_s"] and attn["peak_device_bytes"] <= root["peak_device_bytes"]
