@@ -211,7 +211,8 @@ def _group(name: str) -> str:
     return re.sub(r"\.\d+(?=\.|$)", ".*", name)
 
 
-def _bytes(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KB' (binary units)."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1024 or unit == "TB":
             return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
@@ -254,8 +255,8 @@ def compare_costs(ref: dict, tgt: dict, top: int = 5) -> tuple[list[dict], list[
                          f"{extra:.3g} s per forward is in " + ", ".join(parts))
     big = max(rows, key=lambda g: g["tgt_largest"] - g["ref_largest"], default=None)
     if big and big["tgt_largest"] > 2 * max(big["ref_largest"], 1) and big["tgt_largest"] >= 1 << 20:
-        lines.append(f"memory: {big['module']} allocates {_bytes(big['tgt_largest'])} in one buffer "
-                     f"({big['tgt_largest_op']}) where the reference's largest is {_bytes(big['ref_largest'])}")
+        lines.append(f"memory: {big['module']} allocates {human_bytes(big['tgt_largest'])} in one buffer "
+                     f"({big['tgt_largest_op']}) where the reference's largest is {human_bytes(big['ref_largest'])}")
     for side, cost in (("reference", ref), ("target", tgt)):
         if cost.get("timing_overhead_x"):
             lines.append(f"timing overhead ({side}): the timed forward took {cost['timing_overhead_x']:.2f}x the "

@@ -102,7 +102,8 @@ class judging:
         _JUDGED = None
 
 
-def _plain(q, k, v, allowed, scale):
+def plain_attention(q, k, v, allowed, scale):
+    """softmax(q k^T * scale) v in q's dtype; ``allowed`` (bool) or None for causal, aligned at the end."""
     scores = (q @ k.transpose(-1, -2)) * scale
     if allowed is None:
         allowed = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril(k.shape[-2] - q.shape[-2])
@@ -114,8 +115,8 @@ def judge_call(layer, q, k, v, allowed, scale, out) -> dict:
     err = plain_err = rounding = 0.0
     for h in range(q.shape[1]):
         sl = lambda x: x[:, h:h + 1] if x is not None and x.dim() == 4 and x.shape[1] > 1 else x  # noqa: E731
-        exact = _plain(*(sl(x).double() for x in (q, k, v)), sl(allowed), scale)
-        plain = _plain(sl(q), sl(k), sl(v), sl(allowed), scale)
+        exact = plain_attention(*(sl(x).double() for x in (q, k, v)), sl(allowed), scale)
+        plain = plain_attention(sl(q), sl(k), sl(v), sl(allowed), scale)
         ok = torch.isfinite(exact)
         err = max(err, float(torch.where(ok, (sl(out).double() - exact).abs(), 0.0).max()))
         plain_err = max(plain_err, float(torch.where(ok, (plain.double() - exact).abs(), 0.0).max()))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from tensordiff.analysis.cost import human_bytes as _gb
 from tensordiff.engines.tensor_files import TensorInfo, checkpoint_tensors
 from tensordiff.errors import TensordiffError
 
@@ -68,13 +69,6 @@ class WeightsReport:
                            + ("enough" if p["arena_bytes"] >= p["total_bytes"] else
                               f"SHORT by {_gb(p['total_bytes'] - p['arena_bytes'])}"))
         return out
-
-
-def _gb(n: float) -> str:
-    for unit, size in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{int(n)} B"
 
 
 def load_config(spec: str, size: str = "tiny"):

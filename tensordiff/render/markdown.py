@@ -74,7 +74,7 @@ COST_COLUMNS = ("module (all layers)", "reference self s", "target self s", "slo
 
 def cost_rows(result, limit: int = 40) -> list[list[str]]:
     """--timing: modules grouped over layers, the target's extra time first."""
-    from tensordiff.analysis.cost import _bytes
+    from tensordiff.analysis.cost import human_bytes as _bytes
 
     rows = (result.cost or {}).get("modules") or []
     return [[g["module"], fmt(g["ref_self_s"]), fmt(g["tgt_self_s"]),

@@ -59,15 +59,15 @@ class SizeCheck:
 def plain_attention(q, k, v, causal: bool = True, scale: float | None = None, mask=None):
     """softmax(q k^T * scale) v in q's dtype, masked causally (aligned at the end) and by ``mask``
     (bool, True where allowed)."""
+    from tensordiff.backends.flash_attn import plain_attention as masked
+
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = (q @ k.transpose(-1, -2)) * scale
-    allowed = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device)
+    allowed = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device)
     if causal:
         allowed = allowed.tril(k.shape[-2] - q.shape[-2])
     if mask is not None:
         allowed = allowed & mask
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v
+    return masked(q, k, v, allowed, scale)
 
 
 def attention_inputs(heads: int = 8, head_dim: int = 64, batch: int = 1, dtype=torch.float32,
