@@ -34,12 +34,12 @@ def test_slow_and_hungry_attention_kernels_are_named_with_their_modules(tmp_path
                               timing=True, time_plain=True)).result
     assert slow.verdict == "match", slow.notes      # correct: cost is the only finding
     cost = slow.cost
-    assert cost["slowdown_x"] > 2 and cost["target_tokens_per_s"] < cost["reference_tokens_per_s"]
+    assert cost["slowdown_x"] > 1.5 and cost["target_tokens_per_s"] < cost["reference_tokens_per_s"]
     top = cost["modules"][0]
-    assert top["module"] == "model.layers.*.self_attn" and top["slowdown_x"] > 5 and top["tgt_calls"] == 4
+    assert top["module"] == "model.layers.*.self_attn" and top["slowdown_x"] > 3 and top["tgt_calls"] == 4
     # the self time of the rest is not blamed: the MLPs run the same torch kernels on both sides
     mlp = next(g for g in cost["modules"] if g["module"] == "model.layers.*.mlp")
-    assert mlp["tgt_self_s"] - mlp["ref_self_s"] < 0.2 * (top["tgt_self_s"] - top["ref_self_s"])
+    assert mlp["tgt_self_s"] - mlp["ref_self_s"] < 0.3 * (top["tgt_self_s"] - top["ref_self_s"])
     line = next(n for n in slow.notes if n.startswith("time (own code"))
     assert "is in model.layers.*.self_attn" in line
     assert any(n.startswith("time per forward (plain runs, timed alternately, median of 3)") and "tokens/s" in n for n in slow.notes)
