@@ -114,3 +114,32 @@ def test_user_attention_kernel_from_a_file(tmp_path):
     assert good.meta["target"]["backend"]["kernel"] == f"attention kernel {path}:good"
     bad = trace_job(make_job(tmp_path, name="bad", seq_len=256, target=f"{path}:unscaled", isolate=False)).result
     assert bad.verdict == "diverged" and bad.culprit["module"] == "model.layers.0.self_attn"
+
+
+def test_user_attention_kernel_in_a_device_and_dtype(tmp_path):
+    """``cpu-bf16+file.py:NAME``: the model converted as the cpu-bf16 target is, then its attention
+    computed by the user's kernel, which receives bf16 tensors (on CUDA: ``cuda-bf16+file.py:NAME``)."""
+    from tensordiff.backends.registry import get_backend
+    from tensordiff.errors import TensordiffError
+
+    path = tmp_path / "kernels.py"
+    path.write_text(KERNELS + '''
+
+SEEN = []
+
+
+def recording(q, k, v, causal, scale):
+    SEEN.append(q.dtype)
+    return good(q, k, v, causal, scale)
+''')
+    backend = get_backend(f"cpu-bf16+{path}:recording")
+    assert backend.dtype == torch.bfloat16 and backend.info["attention_kernel"]
+    res = trace_job(make_job(tmp_path, name="bf16", seq_len=256, target=f"cpu-bf16+{path}:recording",
+                             isolate=False)).result
+    assert res.verdict == "match", res.notes
+    assert [n for n in res.notes if n.startswith("kernel authors' rule") and "passes in all 4 calls" in n], res.notes
+    from tensordiff.models import _from_file
+
+    assert set(_from_file(f"{path}:recording").__globals__["SEEN"]) == {torch.bfloat16}
+    with pytest.raises(TensordiffError, match="is not an attention kernel"):
+        get_backend(f"cpu+{path}:a_model_plugin")

@@ -30,11 +30,13 @@ class Backend:
     dtype: torch.dtype = torch.float32
     plugin: object = None          # callable(model) -> nn.Module, for plugin / entry-point backends
     info: dict = field(default_factory=dict)
+    adapt: object = None           # callable(model) -> nn.Module, after a built-in's conversion (``+sdpa-*``)
 
     def __call__(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.plugin is None:
             low = self.dtype in (torch.bfloat16, torch.float16)
-            return converted_copy(model, self.device, self.dtype, like_deployment=low, share=True).eval()
+            converted = converted_copy(model, self.device, self.dtype, like_deployment=low, share=True)
+            return (converted if self.adapt is None else self.adapt(converted)).eval()
         try:
             result = self.plugin(copy.deepcopy(model))
         except TensordiffError:
@@ -57,18 +59,48 @@ class Backend:
 
 
 def _builtin(name: str) -> Backend | None:
-    if not is_builtin(name):
+    if not is_builtin(name) and not _is_device_and_kernel(name):
         return None
-    device, _, suffix = name.partition("-")
+    base, _, attention = name.partition("+")
+    device, _, suffix = base.partition("-")
     if device == "cuda" and not torch.cuda.is_available():
         raise TensordiffError(f"backend {name!r} needs CUDA, and torch sees no CUDA device here")
-    return Backend(name, device, _DTYPES[suffix])
+    if not attention:
+        return Backend(name, device, _DTYPES[suffix])
+    if ".py:" in attention:  # a user's attention kernel, on this device in this dtype
+        from tensordiff.backends.flash_attn import is_attention_kernel, use_attention_kernel
+        from tensordiff.models import _from_file
+
+        fn = _from_file(attention)
+        if not is_attention_kernel(fn):
+            raise TensordiffError(f"--target {name}: {attention} is not an attention kernel "
+                                  "fn(q, k, v, causal, scale[, mask])")
+        return Backend(name, device, _DTYPES[suffix], adapt=lambda model: use_attention_kernel(model, fn, attention),
+                       info={"plugin": attention, "kernel": f"attention kernel {attention}", "attention_kernel": True})
+    from tensordiff.backends.sdpa import describe, use_sdpa_backend
+
+    kind = attention.removeprefix("sdpa-")
+    return Backend(name, device, _DTYPES[suffix], adapt=lambda model: use_sdpa_backend(model, kind),
+                   info=describe(kind))
+
+
+def _is_device_and_kernel(name: str) -> bool:
+    """``cuda-bf16+kernels.py:NAME``: a user's attention kernel in a built-in device and dtype."""
+    base, _, attention = name.partition("+")
+    device, _, suffix = base.partition("-")
+    return device in ("cpu", "cuda") and suffix in _DTYPES and ".py:" in attention
 
 
 def is_builtin(name: str) -> bool:
-    """cpu, cpu-bf16, cuda-fp16, ...: torch's own kernels in a dtype, no code under test."""
-    device, _, suffix = name.partition("-")
-    return device in ("cpu", "cuda") and suffix in _DTYPES
+    """cpu, cpu-bf16, cuda-fp16, ...: torch's own kernels in a dtype, no code under test; with
+    ``+sdpa-flash`` (``-efficient``, ``-cudnn``, ``-math``) the model's attention forced onto one of
+    torch's scaled_dot_product_attention backends."""
+    from tensordiff.backends.sdpa import SDPA_KINDS
+
+    base, plus, attention = name.partition("+")
+    device, _, suffix = base.partition("-")
+    return (device in ("cpu", "cuda") and suffix in _DTYPES
+            and (not plus or attention.removeprefix("sdpa-") in SDPA_KINDS and attention.startswith("sdpa-")))
 
 
 def _entry_points() -> dict:
@@ -217,4 +249,5 @@ def get_backend(name: str, fault: str = "none") -> Backend:
 
 def list_backends() -> list[str]:
     names = [f"{d}{'-' + s if s else ''}" for d in ("cpu", "cuda") for s in _DTYPES] + ["echo_npu", "kt_moe", "flash_attn"]
-    return names + sorted(_entry_points())
+    return names + ["cuda-bf16+sdpa-flash (a device-dtype target + sdpa-flash / -efficient / -cudnn / -math, "
+                    "or + path/to/kernels.py:NAME)"] + sorted(_entry_points())
