@@ -8,7 +8,8 @@ output error and its attention's own error), kernel authors' rule per call, and 
 both sides, timed alternately. Beside it, the kernel alone on random q, k, v of the model's attention
 shape: its error map along the sequence against float64, and plain same-dtype attention's error.
 With ``--slow-kernel FILE:NAME`` a user kernel runs through ``trace --timing`` too: its slowdown factor
-and the modules responsible. One JSON line per run goes to ``--out`` as it finishes.
+and the modules responsible. ``--kinds`` also takes ``FILE.py:NAME`` attention kernels (e.g.
+benchmarks/third_party_attention.py:sage). One JSON line per run goes to ``--out`` as it finishes.
 """
 import argparse
 import json
@@ -46,7 +47,12 @@ def kernel_alone(kind: str, dtype: torch.dtype, seq: int, device: str, heads: in
     the error map along the sequence at the dtype's rel-L2 budget."""
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(1, heads, seq, dim, device=device, generator=gen).to(dtype) for _ in range(3))
-    out = sdpa_kernel_call(kind)(q, k, v, None, dim ** -0.5)
+    if ".py:" in kind:  # a user's / third party's kernel(q, k, v, causal, scale)
+        from tensordiff.models import _from_file
+
+        out = _from_file(kind)(q, k, v, causal=True, scale=dim ** -0.5)
+    else:
+        out = sdpa_kernel_call(kind)(q, k, v, None, dim ** -0.5)
     plain = sdpa_kernel_call("math")(q, k, v, None, dim ** -0.5)
     exact = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
     budget = 2e-2 if dtype == torch.bfloat16 else 2e-3
@@ -96,11 +102,12 @@ def main():
         for dtype in args.dtypes.split(","):
             for seq in map(int, args.seq_lens.split(",")):
                 for kind in args.kinds.split(","):
-                    row = one(seq, dtype, f"{args.device}-{dtype}+sdpa-{kind}", args.size, args.device)
+                    attention = kind if ".py:" in kind else f"sdpa-{kind}"
+                    row = one(seq, dtype, f"{args.device}-{dtype}+{attention}", args.size, args.device)
                     try:
                         row["kernel_alone"] = kernel_alone(kind, _DT[dtype], seq, args.device)
-                    except TensordiffError as exc:
-                        row["kernel_alone"] = {"error": str(exc)}
+                    except Exception as exc:  # noqa: BLE001 (a third party's kernel may raise anything)
+                        row["kernel_alone"] = {"error": f"{type(exc).__name__}: {exc}"}
                     emit(row)
                     if args.device == "cuda":
                         torch.cuda.empty_cache()
