@@ -118,6 +118,9 @@ def trace(
                                             "to fail; runs go to OUT/seq_N."),
     bisect: bool = typer.Option(False, "--bisect", help="With --sweep-seq: narrow the boundary between the "
                                 "largest passing and the first failing length to one position."),
+    lora_rank: int = typer.Option(0, "--lora-rank", help="LoRA of this rank on every MoE block's experts, "
+                                  "reference and target (kt_moe then runs kt-kernel's SFT kernel, forward "
+                                  "and --backward; LoRA gradients are compared)."),
 ):
     """Capture the reference and the target, diff them, write traces and reports into --out."""
     from tensordiff.render.console import render_console
@@ -128,7 +131,7 @@ def trace(
                    seq_len=seq_len, seed=seed, level=level, save=save, backward=backward,
                    module_filter=filter, attention_mask=attention_mask, atol=atol, rtol=rtol, fault=fault,
                    isolate=isolate, judge_fp64=_judge_mode(judge), per_pattern=_parse_tolerances(tol),
-                   replay=replay, guard=guard, timing=timing)
+                   replay=replay, guard=guard, timing=timing, lora_rank=lora_rank)
     import time
 
     from tensordiff import progress
@@ -183,6 +186,8 @@ def nan_hunt(
     guard: bool = typer.Option(False, "--guard", help="Buffer guard: report live buffers that share memory, "
                                "sealed buffers (kt_moe's staged weights) changed before the kernel reads them, "
                                "and the op that wrote into them through another buffer."),
+    lora_rank: int = typer.Option(0, "--lora-rank", help="LoRA of this rank on every MoE block's experts "
+                                  "(kt_moe then runs kt-kernel's SFT kernel)."),
 ):
     """Find where NaN / Inf values are born: op, module, source line, element, experts. No reference
     needed. Exit 1 when non-finite values were found (or the target crashed), 0 when clean."""
@@ -192,7 +197,7 @@ def nan_hunt(
 
     if bisect not in ("auto", "always", "never"):
         raise TensordiffError(f"unknown --bisect {bisect!r}; choose auto, always or never")
-    if backward and target == "kt_moe":
+    if backward and target == "kt_moe" and not lora_rank:
         from tensordiff.backends.kt_moe import BACKWARD_REFUSED
 
         raise TensordiffError(BACKWARD_REFUSED)
@@ -201,7 +206,7 @@ def nan_hunt(
                 "--seq-len", str(seq_len), "--seed", str(seed), "--bisect", bisect,
                 *(["--model-class", model_class] if model_class else []), *(["--backward"] if backward else []),
                 *(["--neg-inf-is-bad"] if neg_inf else []), *(["--json"] if json_out else []),
-                *(["--guard"] if guard else []),
+                *(["--guard"] if guard else []), *(["--lora-rank", str(lora_rank)] if lora_rank else []),
                 *(["--out", str(out)] if out is not None else [])]
         raise typer.Exit(_nan_hunt_isolated(args, json_out, out))
     from tensordiff import progress
@@ -217,6 +222,10 @@ def nan_hunt(
             from tensordiff.models import load_model
 
             bundle = load_model(model, size=size, batch=batch, seq_len=seq_len, seed=seed, model_class=model_class)
+            if lora_rank:
+                from tensordiff.backends.kt_sft import prepare_lora_model
+
+                prepare_lora_model(bundle.model, lora_rank, target, seed)
             backend = get_backend(target, fault)
             watch = None
             if guard:
@@ -227,7 +236,8 @@ def nan_hunt(
             prepared = backend(bundle.model)
             progress.status("screening a run for NaN / Inf")
             source = {"model": model, "target": target, "size": size, "seq_len": seq_len, "backward": backward,
-                      **({"fault": fault} if fault != "none" else {}), **({"guard": True} if guard else {})}
+                      **({"fault": fault} if fault != "none" else {}), **({"guard": True} if guard else {}),
+                      **({"lora_rank": lora_rank} if lora_rank else {})}
             import contextlib
 
             with watch if watch is not None else contextlib.nullcontext():

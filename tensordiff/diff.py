@@ -254,6 +254,9 @@ def diff(reference, target, atol: float | None = None, rtol: float | None = None
     result.notes += drill_notes(tgt.meta.get("drill_down"), result.culprit)
     result.notes += kernel_notes(tgt.index, tgt.meta.get("backend") or {}, policy)
     result.notes += (tgt.meta.get("attention_rule") or {}).get("lines") or []
+    lora_note = tgt.meta.get("lora_note") or ref.meta.get("lora_note")  # the parent's build says it
+    if lora_note:
+        result.notes.append(lora_note)
     imported = tgt.meta.get("import")
     if imported:  # an engine outside PyTorch: say what the localization rests on
         result.notes.append(f"target imported from {tgt.meta['backend'].get('dump')} by "

@@ -167,6 +167,10 @@ def decision_flips(table: pd.DataFrame) -> list[dict]:
     return flips
 
 
+def _opt(value) -> float | None:
+    return None if value is None or value != value else float(value)
+
+
 def _num(value) -> float:
     """A local error that may be missing (None / NaN) as a number that compares below any budget."""
     return float(value) if value is not None and value == value else -math.inf
@@ -180,6 +184,16 @@ def _mark_explained(table: pd.DataFrame, flips: list[dict]) -> None:
         inside = table["module"].map(lambda m: m == parent or _is_descendant(m, parent))
         after = table["seq"] >= table.loc[table["key"] == flip["key"], "seq"].min()
         explained |= inside & after & (table["direction"] == "forward")
+        # Its backward follows the decision too (gradients flow to the experts each side chose). A
+        # record whose own local error (the reference's backward at the target's inputs, decisions
+        # included) is beyond tolerance is not explained: a wrong weight gradient stays a finding.
+        backward = inside & (table["direction"] == "backward")
+        if backward.any():
+            own = table[backward].apply(lambda r: local_beyond(_opt(r.get("local_rel_l2")),
+                                                               _opt(r.get("local_floor_rel_l2")),
+                                                               float(r["tol_rel_l2"]))
+                                        and not _recomputes_flip(r["module"], [flip]), axis=1)
+            explained |= backward & ~own.reindex(table.index, fill_value=False)
     table["explained"] = explained
     table["beyond"] = table["beyond"] & ~explained
 
@@ -195,7 +209,8 @@ def localize(result, ref, tgt) -> None:
         result.notes.append(
             f"{flip['module']} chose differently for {flip['changed_fraction']:.1%} of its discrete outputs "
             f"(e.g. top-k experts) while its inputs match within tolerance: a rounding near-tie, not a bug; "
-            f"differences inside {flip['affects']} that follow from it are not counted as divergence")
+            f"differences inside {flip['affects']} that follow from it (forward, and its backward where each "
+            f"call's own gradient is right) are not counted as divergence")
     result.first_divergence = first_beyond(table)
     result.first_nan = first_nan(table)
     result.modules = module_table(table, tgt.index, flips=result.flips)
@@ -219,10 +234,14 @@ def localize(result, ref, tgt) -> None:
     if result.verdict == "diverged" and result.culprit is None and rounding_only(result, tgt):
         d = result.first_divergence
         worst = table[table["direction"] == "forward"]["rel_l2"].max()
+        counted = table[(table["direction"] == "backward") & ~table.get("explained", False)]
+        worst = max(worst, counted["rel_l2"].max()) if len(counted) else worst
+        cause = ("errors each call may make (rounding) and the decisions that flipped (above) carried through "
+                 "the network" if result.flips else
+                 "errors each call may make (rounding) accumulated through the network")
         result.notes.append(
             f"output error exceeds its budget from {d['key']} on (rel L2 up to {worst:.3g}), yet no module or op "
-            "makes an error of its own beyond its tolerance or noise floor: errors each call may make "
-            "(rounding) accumulated through the network, not a bug")
+            f"makes an error of its own beyond its tolerance or noise floor: {cause}, not a bug")
         result.rounding = d
         result.first_divergence = None
         result.verdict = "match" if ref.complete and tgt.complete else "incomplete"

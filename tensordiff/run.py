@@ -49,6 +49,7 @@ class TraceJob:
     guard: bool = False  # buffer guard on the target (see tensordiff.guard)
     timing: bool = False  # per-module time and allocations per side (analysis/cost)
     state_dir: str | None = None  # where an isolated child finds the parent's state (default: out)
+    lora_rank: int = 0  # LoRA of this rank on the MoE experts (kt_moe: its SFT kernel; backends/kt_sft)
 
     def __post_init__(self):
         # through JSON (the isolated child's copy of the job) a Tolerance arrives as a dict
@@ -103,6 +104,13 @@ def _bundle(job: TraceJob, state_from: Path | None = None):
                         attention_mask=job.attention_mask, model_class=job.model_class,
                         empty=state_from is not None,
                         device="cpu" if state_from is not None else build_device(job))
+    if job.lora_rank:
+        from tensordiff.backends.kt_sft import prepare_lora_model
+
+        # the child adds the adapters too (its state file has them) but takes the parent's numbers
+        note = prepare_lora_model(bundle.model, job.lora_rank, job.target if state_from is None else "", job.seed)
+        if note:
+            bundle.info["lora_note"] = note
     if state_from is not None:
         status("loading the reference's model state")
         state, inputs = state_file_paths(state_from)
@@ -142,7 +150,8 @@ def _capture_role(job: TraceJob, role: str, bundle=None, crash_safe: bool = Fals
         load_extension().reset_counts()
     meta = {"model": job.model, "size": job.size, "seed": job.seed, "inputs": bundle.inputs.describe(),
             "job": asdict(job), "role": role, "backend": backend.describe(),
-            "load": bundle.info.get("load"), "state": state}
+            "load": bundle.info.get("load"), "state": state,
+            **({"lora_note": bundle.info["lora_note"]} if bundle.info.get("lora_note") else {})}
     timing = {}
     # Code under test is captured first: a target that crashes must leave its trace, not die in an
     # untraced timing run. torch's own kernels are timed first: the timing's warm-up run then also
@@ -414,7 +423,7 @@ def _judge_traces(job: TraceJob, bundle) -> dict:
 
 
 def trace_job(job: TraceJob) -> TraceOutcome:
-    if job.backward and job.target == "kt_moe":
+    if job.backward and job.target == "kt_moe" and not job.lora_rank:
         from tensordiff.backends.kt_moe import BACKWARD_REFUSED
         from tensordiff.errors import TensordiffError
 

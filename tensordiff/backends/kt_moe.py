@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tensordiff.backends.moe_blocks import fused_experts_blocks
 from tensordiff.errors import TensordiffError
 
 FAULTS = {
@@ -31,6 +32,9 @@ FAULTS = {
                          "E/4+1 .. E/4+8 (17-24 of 64) while they are live",
     "stale-scale": "the staged gate/up weights of experts E/4+1 .. E/4+8 (17-24 of 64) keep a dequant "
                    "scale of 1.5 from another tensor: finite, plausible, wrong",
+    "lora-grad-tail": "(--lora-rank) the LoRA A gradients read back from the tail of the kernel's padded "
+                      "rank (the zero padding) instead of its head: forward and input gradient exact, every "
+                      "LoRA A gradient wrong",
 }
 INSTALL_HINT = ("--target kt_moe needs kt-kernel: pip install --no-deps kt-kernel && "
                 "pip install gguf packaging numpy safetensors (never let pip resolve kt-kernel's "
@@ -259,21 +263,6 @@ class KtMoEExperts(torch.nn.Module):
         return out.to(out_dtype)
 
 
-def fused_experts_blocks(model: torch.nn.Module):
-    """(block name, block, experts) for every MoE block whose experts are fused 3-D parameters with
-    a top-k router beside them (transformers' Qwen3-MoE / Qwen2-MoE / Mixtral layout)."""
-    found = []
-    for name, block in model.named_modules():
-        experts = getattr(block, "experts", None)
-        router = getattr(block, "gate", None)
-        gate_up = getattr(experts, "gate_up_proj", None)
-        down = getattr(experts, "down_proj", None)
-        if (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == 3
-                and down.dim() == 3 and router is not None and hasattr(router, "top_k")):
-            found.append((name, block, experts))
-    return found
-
-
 def to_kt_moe(model: torch.nn.Module, fault: str = "none", guard=None) -> torch.nn.Module:
     """Cast like a bf16 deployment, then hand every fused experts module to the kernel. ``guard``
     (default: the ``--guard`` one, if on): arena blocks registered, staged weights sealed and checked
@@ -290,13 +279,15 @@ def to_kt_moe(model: torch.nn.Module, fault: str = "none", guard=None) -> torch.
                               "(experts.gate_up_proj [E, 2I, H] beside a top-k router); try --model qwen-moe")
     kernel = kernel_name()
     for layer_idx, (name, block, experts) in enumerate(blocks):
+        if getattr(experts, "tensordiff_kernel", None):  # already a kernel's (kt_sft.to_kt_sft: --lora-rank)
+            continue
         block.experts = KtMoEExperts(experts, layer_idx, int(block.gate.top_k), kernel, fault, guard)
     cast_like_deployment(model, torch.bfloat16)
     return model
 
 
-BACKWARD_REFUSED = ("--target kt_moe runs kt-kernel's inference MoE kernel, which has no backward; its "
-                    "SFT / LoRA path is not wired yet: drop --backward")
+BACKWARD_REFUSED = ("--target kt_moe runs kt-kernel's inference MoE kernel, which has no backward: drop "
+                    "--backward, or add --lora-rank R for its SFT kernel (LoRA on the experts, forward and backward)")
 
 
 def describe() -> dict:

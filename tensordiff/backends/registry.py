@@ -145,7 +145,20 @@ def _kt_moe(name: str, fault: str) -> Backend | None:
     if fault not in FAULTS:
         raise TensordiffError(f"unknown --fault {fault!r} for kt_moe; choose one of {', '.join(FAULTS)}")
     info = {**describe(), "fault": fault}  # also: the missing-package hint, before any work
-    return Backend(name, "cpu", torch.bfloat16, plugin=lambda model: to_kt_moe(model, fault), info=info)
+
+    def plugin(model):
+        from tensordiff.backends.kt_sft import to_kt_sft
+
+        if fault == "lora-grad-tail" and not any(hasattr(m, "lora_gate_a") for m in model.modules()):
+            raise TensordiffError("--fault lora-grad-tail plants a bug in kt_moe's SFT path: add --lora-rank R")
+        to_kt_sft(model, fault)  # --lora-rank blocks: the SFT kernel
+        prepared = to_kt_moe(model, fault)
+        sft = sorted({m.method for m in prepared.modules() if hasattr(m, "kernel_backward")})
+        if sft:  # --lora-rank: the SFT kernel ran, not the inference one
+            info.update(kernel=f"{'/'.join(sft)} (SFT, LoRA)", sft=True)
+        return prepared
+
+    return Backend(name, "cpu", torch.bfloat16, plugin=plugin, info=info)
 
 
 def _flash_attn(name: str, fault: str) -> Backend | None:

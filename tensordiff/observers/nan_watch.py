@@ -287,6 +287,15 @@ class NanTracer(Observer):
             return
 
     # -- ops ------------------------------------------------------------------------------------
+    def _in_external_kernel(self, op) -> bool:
+        """Is the op inside a module that declares an extension kernel (``tensordiff_kernel``)?"""
+        node = op.module
+        while node is not None:
+            if getattr(self._modules.get(node.name), "tensordiff_kernel", None):
+                return True
+            node = node.parent
+        return False
+
     def _is_constant(self, t) -> bool:
         hit = self._constants.get(id(t))
         return hit is not None and hit[0]() is t
@@ -324,6 +333,20 @@ class NanTracer(Observer):
         if unwritten and all(t.untyped_storage().data_ptr() in unwritten for t in outs):
             for t in outs:  # a view of uninitialised memory is still uninitialised
                 self._constants[id(t)] = (weakref.ref(t), unwritten[t.untyped_storage().data_ptr()])
+            return
+        if self.birth is None and op.direction == "forward" and self._in_external_kernel(op):
+            # An extension kernel writes through raw pointers no op event sees: the aten ops around it
+            # only move its buffers, and stale or fresh contents look alike to them. Its call as a whole
+            # is judged at module leave (_opaque_birth: finite inputs, non-finite output).
+            return
+        if self.birth is None and not all(finite) and _returns_alias(op.func) and not any(
+                self._leaves.get(x.data_ptr()) for x, ok in zip(inputs, finite) if not ok):
+            # A view of memory that held NaN / Inf before this run wrote anything there (a reused
+            # staging buffer): a view makes no values. Like uninitialised memory, it is a finding only
+            # where something reads it before writing it.
+            for t in outs:
+                self._constants[id(t)] = (weakref.ref(t), f"{op.name} of memory that held NaN / Inf "
+                                          "before this run wrote it (uninitialised memory)")
             return
         for slot, t in enumerate(outs):
             if not _screenable(t):

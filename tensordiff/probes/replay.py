@@ -144,7 +144,8 @@ class Replayer:
         args, kwargs = ref_inputs
         args = tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                      for a in args)
-        params = [(n, p) for n, p in mod.named_parameters(recurse=False) if p.is_floating_point()]
+        # frozen parameters (a LoRA fine-tuning's base weights) get no gradient on either side
+        params = [(n, p) for n, p in mod.named_parameters(recurse=False) if p.is_floating_point() and p.requires_grad]
         try:
             with torch.enable_grad():
                 outs = direct_tensors(mod(*args, **kwargs))
