@@ -93,6 +93,13 @@ def summary_lines(findings: list[Finding]) -> list[str]:
                 + (f", {nums['changed']} element(s) changed since sealed (first at index {first})" if nums["changed"] else ""))
         if kind == "polluted":
             lines.append(f"{group} of {units} polluted {where}: {what}")
+            if len(evs) <= 16:  # each unit's own evidence, as a kernel author's per-expert print would give it
+                for e in sorted(evs, key=lambda e: e["unit"][1]):
+                    lines.append(f"  {noun[:-1] if noun.endswith('s') else noun} {e['unit'][1]}: nan={e.get('nan', 0)}, "
+                                 f"inf={e.get('inf', 0)}, zeros={e.get('zeros', 0)}/{e.get('numel', 0)}"
+                                 + (f", first NaN at index {e['first_nan_index']}" if "first_nan_index" in e else "")
+                                 + (f", first changed at index {e['first_changed_index']}"
+                                    if "first_changed_index" in e else ""))
         else:
             lines.append(f"{group} of {units} overwritten by {op} at {source}"
                          + (f" through {writer!r}" if writer else " through a view") + f": {what}")
@@ -121,7 +128,10 @@ def evidence(now: torch.Tensor, kept: torch.Tensor | None = None) -> dict:
     if flat.is_floating_point():
         f = flat.float()
         finite = torch.isfinite(f)
-        out.update(zeros=int((f == 0).sum()), nan=int(torch.isnan(f).sum()), inf=int(torch.isinf(f).sum()))
+        nan = torch.isnan(f)
+        out.update(zeros=int((f == 0).sum()), nan=int(nan.sum()), inf=int(torch.isinf(f).sum()))
+        if out["nan"]:
+            out["first_nan_index"] = int(torch.nonzero(nan)[0])
         if bool(finite.any()):
             vals = f[finite]
             out["range"] = [float(vals.min()), float(vals.max())]

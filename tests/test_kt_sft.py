@@ -174,6 +174,9 @@ def test_story_pooled_buffer_nan_in_experts_17_to_24(tmp_path):
     assert "polluted before kt-kernel" in text and "gate LoRA B of experts 17-24 of 64" in text
     assert "'kt_sft layer 0 arena/lora gate b'" in text and "'kt_sft layer 0 arena/staging scratch'" in text
     assert "overwritten by aten::copy_" in text
+    # each polluted expert's own evidence, as the story's per-expert prints gave it
+    per_expert = [e for e in range(17, 25) if f"expert {e}: nan=" in text]
+    assert per_expert == list(range(17, 25)) and "expert 16: nan=" not in text and "expert 25: nan=" not in text
 
 
 def test_clean_sft_nan_hunt_with_guard_raises_nothing():
@@ -183,3 +186,16 @@ def test_clean_sft_nan_hunt_with_guard_raises_nothing():
     assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-2000:])
     result = json.loads(out.stdout[out.stdout.index("{"):])
     assert not (result.get("guard") or {}).get("findings"), result.get("guard")
+
+
+def test_golden_reference_runs_where_kt_kernel_cannot(tmp_path):
+    """--lora-rank on any target: both sides compute the experts with the PyTorch MoE+LoRA; a clean
+    bf16 target matches forward and backward, LoRA gradients compared per parameter."""
+    from tensordiff.run import trace_job
+    from tests.conftest import make_job
+
+    res = trace_job(make_job(tmp_path, model="qwen-moe", target="cpu-bf16", lora_rank=16, backward=True,
+                             isolate=False)).result
+    assert res.verdict == "match", res.notes
+    lora = res.table[res.table["key"].str.contains("param_grad.lora_")]
+    assert len(lora) == 12 and (lora["rel_l2"] > 0).all()  # 6 adapters x 2 layers, bf16 rounding, not zero
