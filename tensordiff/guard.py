@@ -93,7 +93,7 @@ def summary_lines(findings: list[Finding]) -> list[str]:
                 + (f", {nums['changed']} element(s) changed since sealed (first at index {first})" if nums["changed"] else ""))
         if kind == "polluted":
             lines.append(f"{group} of {units} polluted {where}: {what}")
-            if len(evs) <= 16:  # each unit's own evidence, as a kernel author's per-expert print would give it
+            if 1 < len(evs) <= 16:  # each unit's own evidence, as a kernel author's per-expert print would give it
                 for e in sorted(evs, key=lambda e: e["unit"][1]):
                     lines.append(f"  {noun[:-1] if noun.endswith('s') else noun} {e['unit'][1]}: nan={e.get('nan', 0)}, "
                                  f"inf={e.get('inf', 0)}, zeros={e.get('zeros', 0)}/{e.get('numel', 0)}"
