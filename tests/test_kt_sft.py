@@ -199,3 +199,26 @@ def test_golden_reference_runs_where_kt_kernel_cannot(tmp_path):
     assert res.verdict == "match", res.notes
     lora = res.table[res.table["key"].str.contains("param_grad.lora_")]
     assert len(lora) == 12 and (lora["rel_l2"] > 0).all()  # 6 adapters x 2 layers, bf16 rounding, not zero
+
+
+def test_guard_over_kt_kernels_own_sft_wrapper():
+    """examples/kt_sft_wrapper_guard.py: the wrapper's per-shape forward buffers are shared between
+    layers (reported, harmless: returned values are clones); with output_device=cpu its outputs are
+    those buffers, and layer 0's output changes under the caller once layer 1 runs (a true positive)."""
+    import importlib.util
+    from pathlib import Path
+
+    method = _sft_method()
+    path = Path(__file__).resolve().parent.parent / "examples" / "kt_sft_wrapper_guard.py"
+    spec = importlib.util.spec_from_file_location("kt_sft_wrapper_guard", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    plain = example.run(method, None)
+    assert any("'layer 0 forward buffer .output_cpu'" in t and "'layer 1 forward buffer .output_cpu'" in t
+               for t in plain["findings"])
+    assert not any(plain["values_changed_while_held"].values())
+    on_cpu = example.run(method, torch.device("cpu"))
+    assert on_cpu["values_changed_while_held"]["layer 0 output"]
+    assert on_cpu["values_changed_while_held"]["layer 1 grad_input"]
+    assert any("layer 0 output polluted" in t for t in on_cpu["findings"])
+    assert any("'layer 0 output (output_device=cpu)'" in t for t in on_cpu["findings"])

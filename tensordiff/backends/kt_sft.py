@@ -13,6 +13,7 @@ input, not its error). The kernel takes a LoRA rank that is a multiple of 32: th
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -64,39 +65,17 @@ def _mxfp4(tensor: torch.Tensor):
 
 def build_wrapper(weights: MoELoRAWeights, tokens: int, top_k: int, method: str, layer_idx: int = 0):
     """An AMXSFTMoEWrapper with the weights loaded and LoRA (rank padded) registered. Returns the
-    wrapper and the bf16 tensors it holds pointers to (they must stay alive with it)."""
-    from kt_kernel.sft.amx import AMXSFTMoEWrapper
-
+    wrapper and the tensors it holds pointers to (they must stay alive with it)."""
     padded = pad_rank(weights, KERNEL_RANK_MULTIPLE)
     experts, inter, hidden = weights.gate.shape
-    wrapper = AMXSFTMoEWrapper(
-        layer_idx=layer_idx, num_experts=experts, num_experts_per_tok=top_k, hidden_size=hidden,
-        moe_intermediate_size=inter, num_gpu_experts=0, cpuinfer_threads=max(1, torch.get_num_threads()),
-        threadpool_count=1, weight_path="", chunked_prefill_size=max(tokens, 1), lora_rank=padded.rank,
-        lora_alpha=weights.scaling * padded.rank, method=method,
-        **({"group_size": 32, "zero_point": False, "swiglu_limit": NO_LIMIT} if method == "MXFP4_SFT" else {}))
-    keep = {}
-    mapping = torch.arange(experts, dtype=torch.int64)
-    if method == "MXFP4_SFT":
-        data = {}
-        for name, tensor in (("gate", weights.gate), ("up", weights.up), ("down", weights.down)):
-            packed, scale = _mxfp4(tensor)
-            data[name] = [packed[e].contiguous() for e in range(experts)]
-            data[f"{name}_scale"] = [scale[e].to(torch.bfloat16).contiguous() for e in range(experts)]
-        keep["mxfp4"] = data
-        wrapper.load_mxfp4_weights(data, mapping)
-    else:
-        wrapper.load_weights_from_tensors(*(t.to(torch.bfloat16).contiguous() for t in
-                                            (weights.gate, weights.up, weights.down)), mapping)
-    lora = {}
-    for p in ("gate", "up", "down"):
-        a, b = padded.lora[p]
-        lora[f"{p}_lora_a"] = a.to(torch.bfloat16).contiguous()
-        lora[f"{p}_lora_b"] = b.to(torch.bfloat16).contiguous()
+    projections = (weights.gate, weights.up, weights.down)
+    base = ([_mxfp4(t) for t in projections] if method == "MXFP4_SFT"
+            else [t.to(torch.bfloat16).contiguous() for t in projections])
+    lora = {f"{p}_lora_{side}": t.to(torch.bfloat16).contiguous()
+            for p in ("gate", "up", "down") for side, t in zip("ab", padded.lora[p])}
     grads = {f"grad_{k}": torch.zeros_like(v) for k, v in lora.items()}
-    keep.update(lora=lora, grads=grads)
-    wrapper.init_lora_weights(**lora, **grads)
-    return wrapper, keep
+    return _wrapper_from_parts(base, lora, grads, experts, inter, hidden, padded.rank, top_k, weights.scaling,
+                               method, layer_idx, max_tokens=max(tokens, 1))
 
 
 def run_sft_layer(weights: MoELoRAWeights, x, expert_ids, routing, grad_output, method: str,
@@ -220,7 +199,7 @@ class KtSFTExperts(torch.nn.Module):
         total_lora = sum(a + b for a, b in lora_bytes.values())
         self._arena = arena = Arena(total_lora + 8 * i * r * 2 + 4096, f"kt_sft layer {layer_idx} arena", guard=guard)
         self._lora, self._grads = {}, {}
-        with torch.no_grad(), (guard if guard is not None else _nothing()):
+        with torch.no_grad(), (guard if guard is not None else contextlib.nullcontext()):
             for p in LORA_PROJECTIONS:
                 a, b = padded.lora[p]
                 for side, src in (("a", a), ("b", b)):
@@ -296,15 +275,8 @@ def _through(scratch: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> Non
         dst[start:start + n].copy_(scratch[:n])
 
 
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _wrapper_from_parts(base, lora, grads, e, i, h, r, top_k, scaling, method, layer_idx):
+def _wrapper_from_parts(base, lora, grads, e, i, h, r, top_k, scaling, method, layer_idx,
+                        max_tokens: int = MAX_SFT_TOKENS):
     """The kernel's wrapper over staged bf16 base weights (MXFP4_SFT: packed codes and scales) and LoRA."""
     from kt_kernel.sft.amx import AMXSFTMoEWrapper
 
@@ -318,7 +290,7 @@ def _wrapper_from_parts(base, lora, grads, e, i, h, r, top_k, scaling, method, l
         wrapper = AMXSFTMoEWrapper(
             layer_idx=layer_idx, num_experts=e, num_experts_per_tok=top_k, hidden_size=h, moe_intermediate_size=i,
             num_gpu_experts=0, cpuinfer_threads=max(1, torch.get_num_threads()), threadpool_count=1, weight_path="",
-            chunked_prefill_size=MAX_SFT_TOKENS, lora_rank=r, lora_alpha=scaling * r, method=method, max_cache_depth=2,
+            chunked_prefill_size=max_tokens, lora_rank=r, lora_alpha=scaling * r, method=method, max_cache_depth=2,
             **({"group_size": 32, "zero_point": False, "swiglu_limit": NO_LIMIT} if method == "MXFP4_SFT" else {}))
         keep = {"lora": lora, "grads": grads}
         mapping = torch.arange(e, dtype=torch.int64)
