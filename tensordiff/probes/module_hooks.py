@@ -4,7 +4,9 @@
         loss = loss_fn(model(**inputs)); loss.backward()
 
 The wrappers (and, with backward, full backward hooks) are installed by the context manager and
-always removed in ``__exit__``.
+always removed in ``__exit__``. The probe delivers each call to the replay observer
+(``observers.module_replay.ModuleReplay``, when the session has a replayer) and writes the records with
+what it answered; it knows nothing of how a local error is computed.
 """
 from __future__ import annotations
 
@@ -14,9 +16,6 @@ import warnings
 import torch
 
 from tensordiff.errors import TensordiffError
-from tensordiff.metrics import local_beyond
-from tensordiff.probes.local_error import local_error, mean_abs_ratio
-from tensordiff.probes.replay import LOW_PRECISION, dtypes_of
 from tensordiff.probes.session import ROOT, CaptureSession
 from tensordiff.source_lines import is_skipped_file, user_source_line
 from tensordiff.tensors import flatten_tensors
@@ -34,13 +33,6 @@ def _versions(obj) -> list:
             except RuntimeError:  # inference tensors have no version counter
                 out.append(None)
     return out
-
-
-def _accumulate(sums: dict, module: str, grads: dict) -> None:
-    """Add one call's parameter gradients (attr -> tensor) into per-parameter sums."""
-    for attr, g in grads.items():
-        key = f"{module}.{attr}"
-        sums[key] = g if key not in sums else sums[key] + g
 
 
 def _outputs(output):
@@ -81,19 +73,11 @@ class ModuleProbe:
         # re-run once with an op tracker so the crash report names the op, not just the module.
         self._keep_frames = self.drill_down or session._progress_fd is not None
         self._frames: list = []         # per open call: inputs and whether a descendant was beyond
-        # Backward replay: each call's reference inputs, kept for its backward (a stack per module:
-        # backward hooks fire in the reverse order of the forward calls), and the reference's
-        # parameter gradients summed over the calls of each module.
-        self._forward_inputs: dict = {}
-        self._ref_param_grads: dict = {}
-        self._floor_param_grads: dict = {}  # the same from the noise-floor copy (low-precision targets)
-        # Own-code replay (probes/own_code.py): per open call, its children's calls so far
-        self._child_calls: list = []
+        self.replay = None  # observers/module_replay.ModuleReplay when the session replays (set on enter)
         self.drilled: dict | None = None
         self._handles = []
         self._wrapped: list = []        # (module, its own instance-level forward or None)
         self._open_calls: list = []     # hook path: the state of each open call
-        self._replay_inputs: list = []  # reference-side copies of the inputs of each open call
 
     def _emit_other(self, name, call, slot, source, tensor):
         self.session.emit_module(name, "forward", call, slot, source, tensor)
@@ -108,12 +92,15 @@ class ModuleProbe:
             self._probed_cls = getattr(fast_records._load(), "Probed", None)
 
         global_hooks = bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
-        self._kernels = set()
+        if self.session.replayer is not None:
+            from tensordiff.observers.module_replay import ModuleReplay
+
+            kernels = {raw or ROOT for raw, mod in self.model.named_modules()
+                       if getattr(mod, "tensordiff_kernel", None)}  # modules an external kernel computes
+            self.replay = ModuleReplay(self.session, kernels, self.backward)
         for raw_name, mod in self.model.named_modules():
             name = raw_name or ROOT
             wanted = self.session.wants_module(name)
-            if getattr(mod, "tensordiff_kernel", None):  # a module an external kernel computes
-                self._kernels.add(name)
             if global_hooks or mod._forward_hooks or mod._forward_pre_hooks:
                 self._handles.append(mod.register_forward_pre_hook(self._pre_hook(name, wanted), with_kwargs=True))
                 self._handles.append(mod.register_forward_hook(self._post_hook(name, wanted), with_kwargs=True,
@@ -146,8 +133,8 @@ class ModuleProbe:
             scope = f"{name}/forward#{call}"
             session.scopes.append((name, scope))
             return call, False, scope
-        if session.replayer is not None:
-            self._child_calls.append([])
+        if self.replay is not None:
+            self.replay.on_enter(name, wanted, args, kwargs)
         if self._keep_frames:
             # version counters only where a drill-down may re-run the call (they cost a tree walk)
             self._frames.append({"forward": forward, "args": args, "kwargs": kwargs, "below": False,
@@ -161,9 +148,6 @@ class ModuleProbe:
         if session._progress_fd is not None:
             session.progress(scope)
         if wanted:
-            if session.replayer is not None:
-                self._replay_inputs.append((session.quietly(session.replayer.to_reference, (args, kwargs)),
-                                            dtypes_of((args, kwargs))))
             src = user_source_line(start=3)  # past _enter and the wrapper (or hook): torch's __call__
             if session._rec is not None:  # fast mode, C++ recorder
                 session.record_tensors(args, name, "forward", call, "input", src, False)
@@ -191,33 +175,19 @@ class ModuleProbe:
             session._rec.leave()
         if session._progress_fd is not None:
             session.progress(f"{session.current_scope()[1]} (after {scope})")
-        own_fault, ref_inputs = False, None
-        children = self._child_calls.pop() if session.replayer is not None and self._child_calls else None
-        if failed and wanted and session.replayer is not None and self._replay_inputs:
-            self._replay_inputs.pop()
+        own_fault = False
         if failed and session.error is None:  # the innermost call the exception leaves
             self._locate_error(name, scope, self._frames[-1] if self._frames else None)
-        if wanted and not failed:
-            if session._rec is not None:  # fast mode, C++ recorder
-                session.record_tensors(output, name, "forward", call, "output", "", True)
-            elif isinstance(output, torch.Tensor) and session.replayer is None:  # the common case
-                session.emit_module(name, "forward", call, "output.0", "", output)
-            else:
-                replayed, ref_inputs, feed = self._replay(name, session, children) \
-                    if session.replayer is not None else ({}, None, None)
-                judged = False
-                for slot, t in _named_tensors(_outputs(output), "output"):
-                    extra = None
-                    if slot in replayed:
-                        extra = session.quietly(self._local_error, name, f"{scope}/{slot}", slot, t,
-                                                replayed[slot], ref_inputs, children, feed)
-                        if not judged and extra and t.is_floating_point():  # the first float output
-                            judged = True
-                            own_fault = local_beyond(extra["local_rel_l2"], extra.get("local_floor_rel_l2"),
-                                                     session.replayer.budget(f"{scope}/{slot}", t))
-                    session.emit_module(name, "forward", call, slot, "", t, extra)
-        if children is not None and not failed and self._child_calls:  # the parent's replay answers with it
-            self._child_calls[-1].append(session.quietly(self._child_call, name, output, ref_inputs))
+        if wanted and not failed and session._rec is not None:  # fast mode, C++ recorder
+            session.record_tensors(output, name, "forward", call, "output", "", True)
+        elif wanted and not failed and isinstance(output, torch.Tensor) and self.replay is None:  # the common case
+            session.emit_module(name, "forward", call, "output.0", "", output)
+        elif self.replay is not None or (wanted and not failed):
+            named = _named_tensors(_outputs(output), "output") if wanted and not failed else None
+            extras, own_fault, _ = self.replay.on_leave(name, scope, wanted, output, failed, named) \
+                if self.replay is not None else ({}, False, None)
+            for slot, t in named or ():
+                session.emit_module(name, "forward", call, slot, "", t, extras.get(slot))
         if self._keep_frames:
             self._after_call(name, scope, own_fault)
         if is_root:
@@ -314,46 +284,6 @@ class ModuleProbe:
 
         return hook
 
-    def _child_call(self, name: str, output, ref_inputs):
-        from tensordiff.probes.own_code import ChildCall
-
-        inputs = ref_inputs[0] if ref_inputs is not None else None
-        return ChildCall(name, inputs, self.session.replayer.to_reference(output), dtypes_of(output))
-
-    def _replay(self, name: str, session: CaptureSession, children) -> tuple[dict, tuple | None, float | None]:
-        """(slot -> the reference's output of this call on the target's inputs, those inputs, the feed
-        error of its own code or None)."""
-        ref_inputs = self._replay_inputs.pop() if self._replay_inputs else None
-        if ref_inputs is None:
-            return {}, None, None
-        if self.backward:
-            self._forward_inputs.setdefault(name, []).append(ref_inputs)
-        ref_out, feed = session.quietly(session.replayer.run_call, name, ref_inputs[0], children)
-        if ref_out is None:
-            return {}, None, None
-        ref_out = (ref_out,) if isinstance(ref_out, torch.Tensor) else ref_out
-        return dict(flatten_tensors(ref_out, "output")), ref_inputs, feed
-
-    def _local_error(self, name: str, key: str, slot: str, tgt: torch.Tensor, ref: torch.Tensor,
-                     ref_inputs, children=None, feed: float | None = None) -> dict | None:
-        """local_rel_l2 (the larger of the output's error and the feed error of the call's own code) /
-        local_max_abs; for a low-precision output over budget also the noise floor (the reference
-        module in the target's dtype on the same inputs, children answering alike)."""
-        local = local_error(tgt, ref)
-        if local is None:
-            return None
-        extra = {"local_rel_l2": max(local[0], feed or 0.0), "local_max_abs": local[1]}
-        if name in self._kernels:  # the figure kernel authors judge by, beside ours
-            extra["local_mean_abs_ratio"] = mean_abs_ratio(tgt, ref)
-        if feed:
-            extra["local_feed_rel_l2"] = feed
-        replayer = self.session.replayer
-        if tgt.dtype in LOW_PRECISION and extra["local_rel_l2"] > replayer.budget(key, tgt) and ref_inputs is not None:
-            floor = replayer.module_floor(name, ref_inputs[0], ref_inputs[1], tgt.dtype, ref, slot, children)
-            if floor is not None:
-                extra["local_floor_rel_l2"] = floor
-        return extra
-
     def _backward_hook(self, name: str):
         session = self.session
 
@@ -361,40 +291,13 @@ class ModuleProbe:
             call = session.next_call(name, "backward")
             for slot, t in flatten_tensors(grad_output, "grad_output"):
                 session.emit_module(name, "backward", call, slot, "", t)
-            local = session.quietly(self._backward_local, name, grad_input, grad_output) \
-                if session.replayer is not None else {}
+            local = session.quietly(self.replay.on_backward, name, grad_input, grad_output) \
+                if self.replay is not None else {}
             for slot, t in flatten_tensors(grad_input, "grad_input"):
                 session.emit_module(name, "backward", call, slot, "", t, local.get(slot))
             return None
 
         return hook
-
-    def _backward_local(self, name: str, grad_input, grad_output) -> dict:
-        """slot -> local error of this backward call: the target's grad_input against the reference
-        module's vector-Jacobian product at the target's inputs and grad_output."""
-        saved = self._forward_inputs.get(name)
-        if not saved:
-            return {}
-        replayer = self.session.replayer
-        ref_inputs, dtypes = saved.pop()
-        vjp = replayer.module_vjp(name, ref_inputs, grad_output)
-        if vjp is None:
-            return {}
-        low = next((g.dtype for g in grad_output if isinstance(g, torch.Tensor) and g.dtype in LOW_PRECISION), None)
-        floor = replayer.module_vjp(name, ref_inputs, grad_output, (dtypes, low)) if low is not None else None
-        _accumulate(self._ref_param_grads, name, vjp[1])
-        if floor is not None:
-            _accumulate(self._floor_param_grads, name, floor[1])
-        out = {}
-        for i, (tgt, ref) in enumerate(zip(grad_input, vjp[0])):
-            if isinstance(tgt, torch.Tensor) and ref is not None:
-                local = local_error(tgt, ref)
-                if local is not None:
-                    out[f"grad_input.{i}"] = {"local_rel_l2": local[0], "local_max_abs": local[1]}
-                    low_grad = floor[0][i] if floor is not None and i < len(floor[0]) else None
-                    if low_grad is not None:
-                        out[f"grad_input.{i}"]["local_floor_rel_l2"] = (local_error(low_grad, ref) or (None,))[0]
-        return out
 
     def emit_param_grads(self) -> None:
         """One record per parameter after the backward: ``OWNER/backward#0/param_grad.ATTR``, with the
@@ -405,15 +308,7 @@ class ModuleProbe:
             owner = owner or ROOT
             if param.grad is None or not session.wants_module(owner):
                 continue
-            extra = None
-            ref = self._ref_param_grads.get(pname if owner != ROOT else attr)
-            if ref is not None:
-                local = session.quietly(local_error, param.grad, ref)
-                if local is not None:
-                    extra = {"local_rel_l2": local[0], "local_max_abs": local[1], "param": pname}
-                    low = self._floor_param_grads.get(pname if owner != ROOT else attr)
-                    if low is not None:
-                        extra["local_floor_rel_l2"] = (session.quietly(local_error, low, ref) or (None,))[0]
+            extra = self.replay.param_grad_extra(pname, owner, attr, param.grad) if self.replay is not None else None
             session.emit_module(owner, "backward", 0, f"param_grad.{attr}", "", param.grad,
                                 extra or {"param": pname})
 
