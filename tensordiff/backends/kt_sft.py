@@ -41,14 +41,14 @@ def sft_methods() -> list[str]:
 
 
 def quantised_weights(weights: MoELoRAWeights, method: str) -> MoELoRAWeights:
-    """The base weights the kernel really computes with: MXFP4_SFT's dequantised ones, else bf16."""
-    if method != "MXFP4_SFT":
-        return MoELoRAWeights(*(t.to(torch.bfloat16).float() for t in (weights.gate, weights.up, weights.down)),
-                              {p: (a.to(torch.bfloat16).float(), b.to(torch.bfloat16).float())
-                               for p, (a, b) in weights.lora.items()}, weights.scaling)
-    deq = [mxfp4_dequantize(*_mxfp4(t)) for t in (weights.gate, weights.up, weights.down)]
-    return MoELoRAWeights(*deq, {p: (a.to(torch.bfloat16).float(), b.to(torch.bfloat16).float())
-                                 for p, (a, b) in weights.lora.items()}, weights.scaling)
+    """The weights the kernel really computes with: bf16 LoRA, and MXFP4_SFT's dequantised base
+    weights or bf16 ones."""
+    def bf16(t):
+        return t.to(torch.bfloat16).float()
+
+    base = [mxfp4_dequantize(*_mxfp4(t)) if method == "MXFP4_SFT" else bf16(t)
+            for t in (weights.gate, weights.up, weights.down)]
+    return MoELoRAWeights(*base, {p: (bf16(a), bf16(b)) for p, (a, b) in weights.lora.items()}, weights.scaling)
 
 
 _MXFP4_CACHE: dict = {}
@@ -58,7 +58,8 @@ def _mxfp4(tensor: torch.Tensor):
     """Quantised once per weight tensor (the reference and the kernel both need it; 0.1 G elements)."""
     key = (tensor.data_ptr(), tuple(tensor.shape), tensor._version)
     if key not in _MXFP4_CACHE:
-        _MXFP4_CACHE.clear()  if len(_MXFP4_CACHE) > 6 else None
+        if len(_MXFP4_CACHE) > 6:  # one layer's three projections, twice: no more is ever reused
+            _MXFP4_CACHE.clear()
         _MXFP4_CACHE[key] = mxfp4_quantize(tensor)
     return _MXFP4_CACHE[key]
 
