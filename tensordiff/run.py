@@ -248,11 +248,11 @@ def _time_side_by_side(job: TraceJob, bundle, model, inputs) -> dict:
     ref_backend = get_backend(job.reference)
     try:
         reference = ref_backend(bundle.model)
-        ref_s, tgt_s = time_side_by_side(reference, ref_backend.inputs(bundle.inputs.clone()), model, inputs,
-                                         job.backward)
+        ref_s, tgt_s, ratios = time_side_by_side(reference, ref_backend.inputs(bundle.inputs.clone()), model,
+                                                 inputs, job.backward)
     except Exception as exc:  # the comparison is extra: a failure here must not lose the trace
         return {"side_by_side_error": f"{type(exc).__name__}: {exc}"}
-    return {"side_by_side_reference_s": ref_s, "side_by_side_target_s": tgt_s}
+    return {"side_by_side_reference_s": ref_s, "side_by_side_target_s": tgt_s, "side_by_side_ratios": ratios}
 
 
 def _time_plain(job: TraceJob, role: str, model, inputs, bundle) -> dict:

@@ -159,10 +159,12 @@ def _forward_then_backward(model, inputs, backward, loss_fn=default_loss, sessio
     return output
 
 
-def time_side_by_side(reference, ref_inputs, target, tgt_inputs, backward: bool, repeats: int = 3) -> tuple[float, float]:
+def time_side_by_side(reference, ref_inputs, target, tgt_inputs, backward: bool,
+                      repeats: int = 3) -> tuple[float, float, list[float]]:
     """Median seconds per un-probed run of the reference and of the target, timed alternately in one
     loop (after a warm-up of each): a ratio measured side by side, not across phases of the job whose
-    load on the machine may differ (a 5x false difference was seen on a loaded 2-core VM)."""
+    load on the machine may differ (a 5x false difference was seen on a loaded 2-core VM). Also the
+    target/reference ratio of each adjacent pair: load that comes and goes hits both runs of a pair."""
     sides = [(reference, _as_inputs(ref_inputs)), (target, _as_inputs(tgt_inputs))]
     times = [[], []]
     for i in range(repeats + 1):
@@ -173,7 +175,8 @@ def time_side_by_side(reference, ref_inputs, target, tgt_inputs, backward: bool,
             if i:
                 times[j].append(time.perf_counter() - start)
             model.zero_grad(set_to_none=True)
-    return tuple(sorted(t)[len(t) // 2] for t in times)
+    ratios = [t / r for r, t in zip(*times) if r > 0]
+    return sorted(times[0])[repeats // 2], sorted(times[1])[repeats // 2], ratios
 
 
 def time_plain_forward(model, inputs: Inputs, backward: bool, repeats: int = 3) -> float:

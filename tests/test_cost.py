@@ -88,3 +88,19 @@ def test_cuda_timing_uses_events_and_device_peaks(tmp_path):
     assert root["time_s"] > 0 and root["peak_device_bytes"] > 0
     attn = modules["model.layers.0.self_attn"]
     assert 0 < attn["time_s"] < root["time_s"] and attn["peak_device_bytes"] <= root["peak_device_bytes"]
+
+
+def test_speed_verdict_rests_on_adjacent_pairs_and_says_when_load_hid_it():
+    """The ratio is the median over adjacent (reference, target) pairs; pairs on both sides of 1 that
+    disagree by more than 1.5x give no speed verdict (a loaded VM once made identical kernels look
+    5.6x apart by the two medians)."""
+    from tensordiff.analysis.cost import cost_section
+
+    meta = {"job": {"batch": 1, "seq_len": 128}}
+    steady, lines = cost_section({"side_by_side_reference_s": 0.01, "side_by_side_target_s": 0.17,
+                                  "side_by_side_ratios": [16.0, 17.0, 18.5]}, meta, meta)
+    assert steady["slowdown_x"] == 17.0 and "the target is 17x slower" in lines[0]
+    loaded, lines = cost_section({"side_by_side_reference_s": 0.05, "side_by_side_target_s": 0.009,
+                                  "side_by_side_ratios": [0.18, 1.02, 1.1]}, meta, meta)
+    assert loaded["slowdown_x"] == 1.02 and loaded["unsteady"] == [0.18, 1.1]
+    assert "no clear difference" in lines[0] and "faster" not in lines[0]

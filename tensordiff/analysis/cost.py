@@ -266,6 +266,9 @@ def compare_costs(ref: dict, tgt: dict, top: int = 5) -> tuple[list[dict], list[
     return rows, lines
 
 
+UNSTEADY = 1.5  # pairs of runs whose ratios differ by more than this, on both sides of 1: no verdict on speed
+
+
 def cost_section(timing: dict, ref_meta: dict, tgt_meta: dict) -> tuple[dict | None, list[str]]:
     """The diff's cost: time per forward and tokens/s per side (plain runs, median of 3), and with
     --timing the per-module comparison. (None, []) when the run measured nothing."""
@@ -279,11 +282,18 @@ def cost_section(timing: dict, ref_meta: dict, tgt_meta: dict) -> tuple[dict | N
     job = tgt_meta.get("job") or ref_meta.get("job") or {}
     tokens = (job.get("batch") or 0) * (job.get("seq_len") or 0)
     if ref_s and tgt_s:
-        out.update(reference_forward_s=ref_s, target_forward_s=tgt_s, slowdown_x=tgt_s / ref_s)
+        ratios = sorted(timing.get("side_by_side_ratios") or [])
+        # the ratio of adjacent pairs (both runs under the same load) rather than of the two medians
+        slowdown = ratios[len(ratios) // 2] if ratios else tgt_s / ref_s
+        out.update(reference_forward_s=ref_s, target_forward_s=tgt_s, slowdown_x=slowdown)
         rate = lambda s: f", {tokens / s:,.0f} tokens/s" if tokens else ""  # noqa: E731
         if tokens:
             out.update(reference_tokens_per_s=tokens / ref_s, target_tokens_per_s=tokens / tgt_s)
-        which = f"{tgt_s / ref_s:.3g}x slower" if tgt_s >= ref_s else f"{ref_s / tgt_s:.3g}x faster"
+        which = f"{slowdown:.3g}x slower" if slowdown >= 1 else f"{1 / slowdown:.3g}x faster"
+        if ratios and ratios[0] < 1 < ratios[-1] and ratios[-1] / ratios[0] > UNSTEADY:
+            out["unsteady"] = [ratios[0], ratios[-1]]
+            which = (f"no clear difference (the pairs of runs said {ratios[0]:.3g}x to {ratios[-1]:.3g}x: "
+                     "the machine's load changed while they ran)")
         lines.append(f"time per forward{' and backward' if job.get('backward') else ''} (plain runs, {how}): "
                      f"reference {ref_s:.3g} s{rate(ref_s)}, target {tgt_s:.3g} s{rate(tgt_s)}: the target is {which}")
     if ref_meta.get("cost") and tgt_meta.get("cost"):
