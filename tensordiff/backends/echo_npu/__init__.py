@@ -39,7 +39,7 @@ def build_dir() -> Path:
 
 
 def load_extension(verbose: bool = False):
-    """Compile (first time, ~40 s on 2 cores) or load the cached extension and register the device."""
+    """Compile (first time, ~20 s on 2 cores) or load the cached extension and register the device."""
     global _EXT
     if _EXT is not None:
         return _EXT
@@ -49,7 +49,7 @@ def load_extension(verbose: bool = False):
     out = build_dir()
     cached = any(out.glob("*.so"))
     if not cached:
-        status(f"compiling the echo_npu device extension into {out} (first use only, ~40-60 s)")
+        status(f"compiling the echo_npu device extension into {out} (first use only, ~20-50 s)")
     start = time.perf_counter()
     try:
         ext = load(name="tensordiff_echo_npu", sources=[str(src)], build_directory=str(out),
