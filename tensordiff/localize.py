@@ -234,7 +234,8 @@ def localize(result, ref, tgt) -> None:
     if result.verdict == "diverged" and result.culprit is None and rounding_only(result, tgt):
         d = result.first_divergence
         worst = table[table["direction"] == "forward"]["rel_l2"].max()
-        counted = table[(table["direction"] == "backward") & ~table.get("explained", False)]
+        explained = table["explained"] if "explained" in table.columns else False
+        counted = table[(table["direction"] == "backward") & ~pd.Series(explained, index=table.index, dtype=bool)]
         worst = max(worst, counted["rel_l2"].max()) if len(counted) else worst
         cause = ("errors each call may make (rounding) and the decisions that flipped (above) carried through "
                  "the network" if result.flips else
