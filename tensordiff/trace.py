@@ -124,6 +124,7 @@ class TraceWriter:
         self._pending_bytes = 0
         self._max_pending = max_pending_bytes
         self._queue: queue.Queue = queue.Queue()
+        self._batch: list = []  # stats-only records not yet handed to the writer's thread
         self._error: BaseException | None = None
         # synchronous: write in the caller's thread. For targets that may crash the process: nothing
         # acknowledged can be lost in a queue when the process dies.
@@ -147,6 +148,15 @@ class TraceWriter:
             self._write_now(record, snap)
             return
         nbytes = snap.data.raw.numel() if snap.data is not None else 0  # also stats-only host copies
+        if nbytes == 0:
+            # Records without bytes travel in batches: a queue hand-over (lock, condition) costs about
+            # as much as the rest of an op-level record. Only asynchronous writers batch, and they
+            # lose their queue with the process anyway.
+            self._batch.append((record, snap))
+            if len(self._batch) >= 64:
+                self.hand_over()
+            return
+        self.hand_over()  # keep the file's order
         with self._cond:
             if self._pending_bytes > 0 and self._pending_bytes + nbytes > self._max_pending:
                 self.before_block()  # e.g. compute batched stats the queued records wait for
@@ -154,6 +164,12 @@ class TraceWriter:
                 self._cond.wait()
             self._pending_bytes += nbytes
         self._queue.put((record, snap, nbytes))
+
+    def hand_over(self) -> None:
+        """Queue the batched stats-only records now (the end of a forward: the writer may work)."""
+        if self._batch:
+            batch, self._batch = self._batch, []
+            self._queue.put((("batch", batch), None, 0))
 
     def add(self, record: dict, tensor: torch.Tensor, save: bool = True) -> None:
         """The plain record-adding API (importers of foreign dumps, tests): ``record`` holds index
@@ -181,6 +197,7 @@ class TraceWriter:
         if self.synchronous:
             self._write_block(records, parts)
         else:
+            self.hand_over()
             self._queue.put((("block", records), parts, 0))
 
     @property
@@ -192,6 +209,7 @@ class TraceWriter:
         if self.synchronous:
             self._update_metadata(items)
         else:
+            self.hand_over()
             self._queue.put(("meta", items, 0))
 
     def _update_metadata(self, items: dict) -> None:
@@ -217,6 +235,9 @@ class TraceWriter:
             try:
                 if item[0] == "meta":
                     self._update_metadata(item[1])
+                elif isinstance(item[0], tuple) and item[0][0] == "batch":
+                    for record, snap in item[0][1]:
+                        self._write_now(record, snap)
                 elif isinstance(item[0], tuple) and item[0][0] == "block":
                     # (records with data behind it could fill the byte budget the model waits on: go on)
                     while not self.quiet.is_set() and self._queue.qsize() < 64 and self._pending_bytes == 0:
@@ -241,7 +262,8 @@ class TraceWriter:
         alias = record.get("alias_of")
         if alias is not None:  # same data as an earlier record: share its data and stats
             original = self._seq_of[alias]
-            row = {**record, **snap.layout, "seq": seq, "has_data": self._has_data_by_seq[original]}
+            has_data = self._has_data_by_seq[original] and not record.pop("stats_only", False)
+            row = {**record, **snap.layout, "seq": seq, "has_data": has_data}
             self._append(seq, row, self._stats_by_seq[original])
             return
         host = snap.data.materialize() if snap.data is not None else None
@@ -341,6 +363,7 @@ class TraceWriter:
     def close(self, complete: bool = True) -> None:
         self.quiet.set()
         if self._thread.is_alive():
+            self.hand_over()
             self._queue.put(None)
             self._thread.join()
         if self._file.id.valid:
@@ -434,6 +457,8 @@ class TraceReader:
         row = self.row(key)
         alias = row.get("alias_of")
         if isinstance(alias, str):  # same data as an earlier record (same tensor, unchanged)
+            if not row["has_data"]:  # e.g. a transpose of it: the same stats, not the same order
+                raise TensordiffError(f"{self.path}: record {key!r} was saved as stats only")
             return self.tensor(alias).reshape(row["shape"])
         offset = row.get("data_offset")
         if isinstance(offset, (int, float)) and offset == offset:  # schema 2: bytes in /blob

@@ -18,9 +18,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from torch.utils.weak import WeakIdKeyDictionary
-
-from tensordiff.probes import fused_stats
+from tensordiff.probes import cpu_stats, fused_stats
 from tensordiff.probes.gpu_stats import StatsBatcher
 from tensordiff.probes.snapshot import Snapshot, snapshot, tensor_layout
 from tensordiff.schema import ROOT, module_record  # noqa: F401 (ROOT: re-exported)
@@ -34,11 +32,14 @@ def _version(t: torch.Tensor) -> int | None:
         return None
 
 
-def _fingerprint(t: torch.Tensor) -> float | None:
-    """A float64 sum of a CPU tensor's values (None elsewhere: comparing it would need a device sync)."""
+def _fingerprint(t: torch.Tensor) -> float | int | None:
+    """A checksum of a CPU tensor's values (None elsewhere: comparing it would need a device sync)."""
     if t.device.type != "cpu" or t.is_complex():
         return None
     d = t.detach()
+    fast = cpu_stats.checksum(d)  # one native pass over the bytes; None for a strided view
+    if fast is not None:
+        return fast
     try:  # numpy's sum has a quarter of a torch op's overhead; this runs twice per op-level record
         with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is a fine fingerprint: NaN
             return float(d.numpy().sum(dtype=np.float64))
@@ -64,11 +65,12 @@ class CaptureSession:
         self.busy = False                      # True while we compute our own stats: not user ops
         self.records = 0
         self.last_record: dict | None = None
-        self._seen = WeakIdKeyDictionary()  # tensor -> (key, version, CPU checksum, data saved?)
+        self._seen: dict = {}  # id(tensor) -> (weakref, key, version, CPU checksum, data saved?)
         # GPU stats without a sync per tensor: one fused launch per tensor where the kernel is available
         # (exact under later in-place ops), else batched reductions; not with a synchronous writer,
         # which would wait on itself.
         self.batcher = None
+        self._writer_runs_ops = getattr(writer, "synchronous", True)
         if not getattr(writer, "synchronous", False):
             exact = torch.cuda.is_available() and fused_stats.available()
             self.batcher = fused_stats.LaunchingBatcher() if exact else StatsBatcher()
@@ -111,21 +113,27 @@ class CaptureSession:
         return ROOT, f"{ROOT}/{self.direction}#0"
 
     def _already_captured(self, tensor: torch.Tensor, need_data: bool) -> str | None:
-        seen = self._seen.get(tensor)
-        if seen is None or seen[1] is None or seen[1] != _version(tensor) or (need_data and not seen[3]):
+        seen = self._seen.get(id(tensor))
+        if seen is None or seen[0]() is not tensor or seen[2] is None or seen[2] != _version(tensor) \
+                or (need_data and not seen[4]):
             return None
+        if seen[3] is None:
+            return seen[1]  # not a CPU tensor: the version counter is all we can check without a sync
         # A kernel writing through a raw data_ptr() (kt-kernel, a custom extension) does not bump the
         # version counter: on the CPU, where a check is cheap and sync-free, confirm the data too.
         fingerprint = self.quietly(_fingerprint, tensor)
-        if fingerprint != seen[2] and not (fingerprint != fingerprint and seen[2] != seen[2]):
+        if fingerprint != seen[3] and not (fingerprint != fingerprint and seen[3] != seen[3]):
             return None
-        return seen[0]
+        return seen[1]
 
     def flush_stats(self) -> None:
         if self._block or (self._rec is not None and self._rec.pending()):
             self._flush_block()
         if self.batcher is not None:
             self.quietly(self.batcher.flush)
+        hand_over = getattr(self.writer, "hand_over", None)
+        if hand_over is not None:
+            hand_over()
 
     def begin_forward(self) -> None:
         if self._fast:
@@ -213,9 +221,37 @@ class CaptureSession:
         finally:
             self.busy = was
 
-    def emit(self, record: dict, tensor: torch.Tensor, save_data: bool | None = None) -> None:
+    def _same_elements_as(self, tensor: torch.Tensor, base: torch.Tensor) -> tuple | None:
+        """The capture entry of ``base`` when ``tensor`` (a view op's output) holds exactly its
+        elements: same memory, dtype and count, both without gaps (a reshape, a transpose). Its
+        stats are then base's, and so is its checksum; its data too while the order is the same."""
+        seen = self._seen.get(id(base))
+        if seen is None or seen[0]() is not base or seen[2] is None or seen[2] != _version(base):
+            return None
+        if tensor.dtype != base.dtype or tensor.numel() != base.numel() or tensor.data_ptr() != base.data_ptr() \
+                or tensor.layout != torch.strided or base.layout != torch.strided \
+                or not cpu_stats.dense(tensor) or not cpu_stats.dense(base):
+            return None
+        return seen
+
+    def emit(self, record: dict, tensor: torch.Tensor, save_data: bool | None = None,
+             same_as: torch.Tensor | None = None) -> None:
+        """One record. ``same_as``: the input a view op's output was made from (recorded just before
+        the op ran), so a view with the same elements becomes an alias instead of a new stats pass."""
         save = self.save_data if save_data is None else save_data
         original = self._already_captured(tensor, save)
+        if original is None and same_as is not None and not save:
+            seen = self._same_elements_as(tensor, same_as)
+            if seen is not None:
+                in_order = tensor.is_contiguous() and same_as.is_contiguous()
+                record = {**record, "alias_of": seen[1]}
+                if not in_order:
+                    record["stats_only"] = True  # the original's bytes are not in this view's order
+                self._seen[id(tensor)] = (weakref.ref(tensor), seen[1], _version(tensor), seen[3], seen[4] and in_order)
+                self.writer.write(record, Snapshot(tensor_layout(tensor), None, None))
+                self.records += 1
+                self.last_record = record
+                return
         if original is not None:
             # The same tensor, unchanged since it was captured (a module's output is the next one's
             # input; an op's output is the next op's input): record an alias, copy nothing.
@@ -223,8 +259,16 @@ class CaptureSession:
             snap = Snapshot(tensor_layout(tensor), None, None)
         else:
             snap = self.quietly(snapshot, tensor, save, self.batcher)
-            self._seen[tensor] = (record["key"], _version(tensor), self.quietly(_fingerprint, tensor),
-                                  snap.data is not None and snap.save)
-        self.quietly(self.writer.write, record, snap)  # a synchronous writer runs torch ops too
+            fingerprint = snap.checksum
+            if fingerprint is None and tensor.device.type == "cpu":
+                fingerprint = self.quietly(_fingerprint, tensor)
+            # (weakref, key, version, CPU checksum, data saved?): keyed by id, the weakref tells a
+            # recycled id from the tensor itself
+            self._seen[id(tensor)] = (weakref.ref(tensor), record["key"], _version(tensor), fingerprint,
+                                      snap.data is not None and snap.save)
+        if self._writer_runs_ops:
+            self.quietly(self.writer.write, record, snap)  # its torch ops are ours, not the model's
+        else:
+            self.writer.write(record, snap)  # queued: the writer's thread does the work
         self.records += 1
         self.last_record = record

@@ -16,18 +16,22 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tensordiff.probes import cpu_stats
 from tensordiff.schema import STAT_NAMES  # noqa: E402,F401 (the stats vector's layout)
 
 
+_DTYPE_NAMES: dict = {}  # torch.float32 -> "float32" (str() of a dtype costs more than the rest of a layout)
+
+
 def tensor_layout(t: torch.Tensor) -> dict:
-    return {
-        "shape": list(t.shape),
-        "dtype": str(t.dtype).replace("torch.", ""),
-        "device": str(t.device),
-        "stride": list(t.stride()) if t.layout == torch.strided else [],
-        "storage_offset": int(t.storage_offset()) if t.layout == torch.strided else 0,
-        "contiguous": bool(t.is_contiguous()) if t.layout == torch.strided else True,
-    }
+    dtype = _DTYPE_NAMES.get(t.dtype)
+    if dtype is None:
+        dtype = _DTYPE_NAMES[t.dtype] = str(t.dtype).replace("torch.", "")
+    if t.layout == torch.strided:
+        return {"shape": list(t.shape), "dtype": dtype, "device": str(t.device), "stride": list(t.stride()),
+                "storage_offset": t.storage_offset(), "contiguous": t.is_contiguous()}
+    return {"shape": list(t.shape), "dtype": dtype, "device": str(t.device), "stride": [], "storage_offset": 0,
+            "contiguous": True}
 
 
 def _stats_on(x: torch.Tensor) -> torch.Tensor:
@@ -40,6 +44,9 @@ def _stats_on(x: torch.Tensor) -> torch.Tensor:
     if x.numel() == 0:
         return torch.tensor([float("nan")] * 6 + [0.0] * 3, dtype=torch.float64)  # host: nothing to sync
     if x.device.type == "cpu":
+        fast = cpu_stats.stats(x)
+        if fast is not None:
+            return fast
         fast = _finite_stats_cpu(x)
         if fast is not None:
             return fast
@@ -157,6 +164,7 @@ class Snapshot:
     data: PendingTensor | None = None
     save: bool = True  # False: data travels only so the writer thread can compute the stats
     stats_event: object = None  # CUDA event after which the (pinned host) stats are valid
+    checksum: int | None = None  # of the live tensor's bytes, where the stats pass took one (CPU)
 
     def stats_numpy(self, materialized: torch.Tensor | None = None) -> np.ndarray:
         if hasattr(self.stats, "numpy") and not isinstance(self.stats, torch.Tensor):
@@ -187,6 +195,21 @@ def snapshot(t: torch.Tensor, save_data: bool = True, batcher=None) -> Snapshot:
     """Layout, stats and data of t. On the host (CPU tensors, and devices we do not trust) the copy is
     taken here and the stats are computed from it by the trace writer's thread, off the model's path;
     on a trusted accelerator the stats are computed there, without a sync."""
+    if t.device.type == "cpu" and t.layout == torch.strided:
+        # One native pass gives the stats and the checksum the session keeps (see cpu_stats): over
+        # the live tensor when only stats are kept (cheaper than a copy for the writer's thread to
+        # reduce later), over the copy (still in cache) when the data is saved too.
+        if not save_data:
+            both = cpu_stats.stats_and_checksum(t)
+            if both is not None:
+                return Snapshot(tensor_layout(t), both[0], None, False, checksum=both[1])
+        else:
+            dense = t.detach().clone(memory_format=torch.contiguous_format)
+            both = cpu_stats.stats_and_checksum(dense)
+            if both is not None:
+                raw = dense.view(-1).view(torch.uint8)
+                data = PendingTensor(raw, t.dtype, tuple(t.shape), tuple(dense.stride()))
+                return Snapshot(tensor_layout(t), both[0], data, True, checksum=both[1])
     t = t.detach()
     if t.device.type == "cuda" and batcher is not None:
         return Snapshot(tensor_layout(t), batcher.add(t), read_back(t) if save_data else None, save_data)

@@ -1,0 +1,133 @@
+"""Stats and checksums of dense CPU tensors in one native pass (``cpu_stats.c``), through ctypes.
+
+Built with the system C compiler on first use (under a second) into ``~/.cache/tensordiff``; ctypes
+releases the GIL during the call, so the trace writer's thread and the model's run side by side.
+Without a compiler, ``stats`` and ``checksum`` return None and the callers use numpy.
+
+    cpu_stats.stats(t)      # float64 tensor [9] in schema.STAT_NAMES order, or None
+    cpu_stats.checksum(t)   # int, or None
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+_LIB: list = [None, False]  # library, tried
+
+
+def _cpu_flags() -> str:
+    """Part of the cache key: -march=native code built on one CPU must not run on another."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _library():
+    if _LIB[1]:
+        return _LIB[0]
+    _LIB[1] = True
+    if os.environ.get("TENSORDIFF_CPU_STATS") == "numpy":
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        return None
+    src = Path(__file__).with_name("cpu_stats.c")
+    key = hashlib.sha256(src.read_bytes() + _cpu_flags().encode() + cc.encode()).hexdigest()[:16]
+    root = Path(os.environ.get("TENSORDIFF_CACHE", Path.home() / ".cache" / "tensordiff"))
+    out = root / f"cpu_stats-{key}.so"
+    if not out.exists():
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=root)
+            os.close(fd)
+            # what vectorises the loops, without -ffast-math (see cpu_stats.c)
+            flags = ["-O3", "-shared", "-fPIC", "-fno-math-errno", "-ffinite-math-only", "-fassociative-math",
+                     "-fno-signed-zeros", "-fno-trapping-math"]
+            if platform.machine() in ("x86_64", "AMD64"):
+                flags.append("-march=native")
+            subprocess.run([cc, *flags, str(src), "-o", tmp, "-lm"], check=True, capture_output=True, timeout=120)
+            os.replace(tmp, out)  # atomic: a concurrent process sees the whole library or none
+        except (OSError, subprocess.SubprocessError):
+            return None
+    try:
+        lib = ctypes.CDLL(str(out))
+    except OSError:
+        return None
+    lib.td_cpu_stats.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
+    lib.td_cpu_stats.restype = ctypes.c_int
+    lib.td_checksum.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    lib.td_checksum.restype = ctypes.c_uint64
+    _LIB[0] = lib
+    return lib
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def dense(t: torch.Tensor) -> bool:
+    """Its elements fill [data_ptr, data_ptr + nbytes) in some order (contiguous, or a permutation
+    of it such as a transpose): stats do not depend on the order, a checksum sees the same bytes.
+    The caller has checked that t is strided."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def stats_and_checksum(t: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """(stats vector, checksum) of a strided CPU float tensor in one native call, or None where
+    this path does not apply. A view that leaves gaps (a slice) is copied first: neither the stats
+    nor the checksum depend on the elements' order."""
+    code = _DTYPE_CODE.get(t.dtype)
+    if code is None or t.layout != torch.strided or t.device.type != "cpu" or t.numel() == 0:
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    if not dense(t):
+        t = t.contiguous()
+    out = np.empty(10, np.float64)  # numpy, not torch.empty: no trip through an active dispatch mode
+    if lib.td_cpu_stats(t.data_ptr(), t.numel(), code, out.ctypes.data) != 0:
+        return None
+    return torch.from_numpy(out[:9]), int(out[9:].view(np.uint64)[0])
+
+
+def stats(t: torch.Tensor) -> torch.Tensor | None:
+    """The stats vector of a strided CPU float tensor, None where this path does not apply."""
+    both = stats_and_checksum(t)
+    return None if both is None else both[0]
+
+
+def checksum(t: torch.Tensor) -> int | None:
+    """A checksum of a CPU tensor's elements, independent of their order (a transpose, a copy and
+    the tensor agree); None where this path does not apply."""
+    if t.layout != torch.strided or t.device.type != "cpu" or t.is_complex():
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    if not dense(t):
+        t = t.contiguous()
+    size = t.element_size()
+    if size not in (1, 2, 4, 8):
+        return int(lib.td_checksum(t.data_ptr(), t.numel() * size, 1))
+    return int(lib.td_checksum(t.data_ptr(), t.numel(), size))
