@@ -16,7 +16,7 @@ import torch
 from torch.utils.cpp_extension import load
 
 from tensordiff.models import load_model
-from tensordiff.probes import fast_records
+from tensordiff.probes import fast_module_stats, fast_records
 from tensordiff.probes.module_hooks import ModuleProbe
 from tensordiff.probes.session import CaptureSession
 from tensordiff.trace import TraceWriter
@@ -54,7 +54,7 @@ def probed():
     with TraceWriter(f"{tmp.name}/t.h5", {}) as w:
         s = CaptureSession(w, save_data=False, fast_gpu_stats=True)
         if not cuda:  # the records without kernels (no CUDA here)
-            s._fast, s._rec = True, fast_records.recorder(1024, accept_cpu=True)
+            s.fast = fast_module_stats.choose(w, s.emit_general, recorder="cpp", accept_cpu=True)
         eof = s.end_of_forward
 
         def timed_end():

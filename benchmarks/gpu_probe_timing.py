@@ -15,7 +15,7 @@ import time
 import torch
 
 from tensordiff.models import load_model
-from tensordiff.probes import fused_stats
+from tensordiff.probes import fast_module_stats, fused_stats
 from tensordiff.probes.module_hooks import ModuleProbe
 from tensordiff.probes.session import CaptureSession
 from tensordiff.trace import TraceWriter
@@ -43,12 +43,13 @@ def run(variant):
                            fast_gpu_stats=True)
         fused_stats.FusedStatsBuffer.add = _no_kernel if variant == "records, no kernels" else real_add
         if variant in ("records, no kernels", "fast path, records in Python"):
-            s._rec = None
+            s.fast = fast_module_stats.choose(w, s.emit_general, recorder="python")
         if variant == "C++ records, no kernels":  # the floor of a design with batched launches
             from tensordiff.probes import fast_records
             from tensordiff.tensors import flatten_tensors
 
-            s._rec = fast_records._load().Recorder(0, 1024, flatten_tensors, False)
+            rec = fast_records._load().Recorder(0, 1024, flatten_tensors, False)
+            s.fast = fast_module_stats.CppModuleStats(w, s.emit_general, rec, fast_records._load().Probed)
         with ModuleProbe(m, s), torch.no_grad():
             torch.cuda.synchronize()
             t0 = time.perf_counter()

@@ -103,7 +103,7 @@ def test_cpp_recorder_writes_the_same_records_as_the_general_path(tmp_path):
     """The C++ per-record path of fast GPU stats (fast_records.cpp), run here on CPU tensors without
     a stats kernel: same keys, layouts, sources and order as the general path, plus aliases for
     contiguous views of captured memory (q_proj's output as q_norm's input)."""
-    from tensordiff.probes import fast_records
+    from tensordiff.probes import fast_module_stats
     from tensordiff.probes.module_hooks import ModuleProbe
     from tensordiff.probes.session import CaptureSession
     from tensordiff.trace import TraceWriter
@@ -114,8 +114,9 @@ def test_cpp_recorder_writes_the_same_records_as_the_general_path(tmp_path):
         with TraceWriter(path, {}) as w:
             s = CaptureSession(w, save_data=False)
             if cpp:
-                s._fast, s._rec = True, fast_records.recorder(64, accept_cpu=True)  # 64: several buffers
-                assert s._rec is not None
+                # 64: several buffers
+                s.fast = fast_module_stats.choose(w, s.emit_general, recorder="cpp", capacity=64, accept_cpu=True)
+                assert s.fast is not None
             with ModuleProbe(bundle.model, s), torch.no_grad():
                 bundle.model(**bundle.inputs.kwargs)
             s.flush_stats()
@@ -134,7 +135,7 @@ def test_cpp_recorder_writes_the_same_records_as_the_general_path(tmp_path):
 def test_cpp_wrapper_with_backward_keeps_every_record_in_order(tmp_path):
     """Fast mode with gradients: forward records from the C++ wrapper, backward records from the
     backward hooks, in the same order and with the same keys as the general path."""
-    from tensordiff.probes import fast_records
+    from tensordiff.probes import fast_module_stats
     from tensordiff.probes.module_hooks import ModuleProbe
     from tensordiff.probes.session import CaptureSession
     from tensordiff.trace import TraceWriter
@@ -146,7 +147,7 @@ def test_cpp_wrapper_with_backward_keeps_every_record_in_order(tmp_path):
         with TraceWriter(path, {}) as w:
             s = CaptureSession(w, save_data=False)
             if cpp:
-                s._fast, s._rec = True, fast_records.recorder(1024, accept_cpu=True)
+                s.fast = fast_module_stats.choose(w, s.emit_general, recorder="cpp", accept_cpu=True)
             with ModuleProbe(bundle.model, s, backward=True):
                 _forward_then_backward(bundle.model, bundle.inputs, True, session=s)
             s.flush_stats()
@@ -161,7 +162,7 @@ def test_cpp_wrapper_with_backward_keeps_every_record_in_order(tmp_path):
 def test_cpp_wrapper_lets_an_error_through_and_keeps_what_came_before(tmp_path):
     """A module raising inside the C++ wrapper: the caller gets the same exception, the records of
     the calls before it land in the trace, and every forward is restored afterwards."""
-    from tensordiff.probes import fast_records
+    from tensordiff.probes import fast_module_stats
     from tensordiff.probes.module_hooks import ModuleProbe
     from tensordiff.probes.session import CaptureSession
     from tensordiff.trace import TraceWriter
@@ -174,7 +175,7 @@ def test_cpp_wrapper_lets_an_error_through_and_keeps_what_came_before(tmp_path):
     path = tmp_path / "t.h5"
     with TraceWriter(path, {}) as w:
         s = CaptureSession(w, save_data=False)
-        s._fast, s._rec = True, fast_records.recorder(64, accept_cpu=True)
+        s.fast = fast_module_stats.choose(w, s.emit_general, recorder="cpp", capacity=64, accept_cpu=True)
         with ModuleProbe(model, s), torch.no_grad():
             assert type(model[0].forward).__name__ == "Probed"
             with pytest.raises(ValueError, match="kernel exploded at row 7"):

@@ -83,7 +83,7 @@ def test_fast_module_capture_matches_the_general_path(tmp_path, recorder):
 
     import tensordiff
     from tensordiff.models import load_model
-    from tensordiff.probes import fused_stats
+    from tensordiff.probes import fast_module_stats, fused_stats
     from tensordiff.probes.module_hooks import ModuleProbe
     from tensordiff.probes.session import CaptureSession
     from tensordiff.trace import TraceWriter
@@ -97,11 +97,12 @@ def test_fast_module_capture_matches_the_general_path(tmp_path, recorder):
     def run(path, fast):
         with TraceWriter(path, {}) as w:
             s = CaptureSession(w, save_data=False, fast_gpu_stats=fast)
-            assert s._fast == fast
+            assert (s.fast is not None) == fast
             if fast and recorder == "python":
-                s._rec = None
+                s.fast = fast_module_stats.choose(w, s.emit_general, recorder="python")
+                assert isinstance(s.fast, fast_module_stats.PythonModuleStats)
             elif fast:
-                assert s._rec is not None
+                assert isinstance(s.fast, fast_module_stats.CppModuleStats)
             with ModuleProbe(model, s), torch.no_grad():
                 model(**inputs)
             s.flush_stats()

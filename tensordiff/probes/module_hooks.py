@@ -85,12 +85,6 @@ class ModuleProbe:
     def __enter__(self):
         from torch.nn.modules import module as nn_module
 
-        self._probed_cls = None
-        if self.session._rec is not None:
-            from tensordiff.probes import fast_records
-
-            self._probed_cls = getattr(fast_records._load(), "Probed", None)
-
         global_hooks = bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
         if self.session.replayer is not None:
             from tensordiff.observers.module_replay import ModuleReplay
@@ -139,8 +133,9 @@ class ModuleProbe:
             # version counters only where a drill-down may re-run the call (they cost a tree walk)
             self._frames.append({"forward": forward, "args": args, "kwargs": kwargs, "below": False,
                                  "versions": _versions((args, kwargs)) if self.drill_down else None})
-        # with the C++ wrappers some calls never touch session.scopes: the recorder keeps the depth
-        is_root = session._rec.enter() if session._rec is not None else not session.scopes
+        # with a native wrapper some calls never touch session.scopes: the fast path keeps the depth
+        fast = session.fast
+        is_root = fast.enter() if fast is not None else not session.scopes
         scope = f"{name}/forward#{call}"
         session.scopes.append((name, scope))
         if is_root:
@@ -149,10 +144,10 @@ class ModuleProbe:
             session.progress(scope)
         if wanted:
             src = user_source_line(start=3)  # past _enter and the wrapper (or hook): torch's __call__
-            if session._rec is not None:  # fast mode, C++ recorder
-                session.record_tensors(args, name, "forward", call, "input", src, False)
+            if fast is not None:
+                fast.record(args, name, "forward", call, "input", src, False)
                 if kwargs:
-                    session.record_tensors(kwargs, name, "forward", call, "input", src, False)
+                    fast.record(kwargs, name, "forward", call, "input", src, False)
                 return call, is_root, scope
             if len(args) == 1 and isinstance(args[0], torch.Tensor):  # the common case, without lists
                 session.emit_module(name, "forward", call, "input.0", src, args[0])
@@ -171,15 +166,16 @@ class ModuleProbe:
             session.scopes.pop()
         if session.drilling:
             return
-        if session._rec is not None:
-            session._rec.leave()
+        fast = session.fast
+        if fast is not None:
+            fast.leave()
         if session._progress_fd is not None:
             session.progress(f"{session.current_scope()[1]} (after {scope})")
         own_fault = False
         if failed and session.error is None:  # the innermost call the exception leaves
             self._locate_error(name, scope, self._frames[-1] if self._frames else None)
-        if wanted and not failed and session._rec is not None:  # fast mode, C++ recorder
-            session.record_tensors(output, name, "forward", call, "output", "", True)
+        if wanted and not failed and fast is not None:
+            fast.record(output, name, "forward", call, "output", "", True)
         elif wanted and not failed and isinstance(output, torch.Tensor) and self.replay is None:  # the common case
             session.emit_module(name, "forward", call, "output.0", "", output)
         elif self.replay is not None or (wanted and not failed):
@@ -248,15 +244,11 @@ class ModuleProbe:
 
     def _wrap(self, name: str, wanted: bool, forward):
         session = self.session
-        if session._rec is not None and self._probed_cls is not None:
-            # fast GPU stats: the whole wrapper in C++ (fast_records.Probed), one call per module call
-            probed = self._probed_cls(forward, name, wanted, session._rec, session.begin_forward,
-                                      session.end_of_forward, self._emit_other, is_skipped_file)
-            for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
-                if hasattr(forward, attr):
-                    setattr(probed, attr, getattr(forward, attr))
-            probed.__wrapped__ = forward  # inspect.signature(module.forward) still sees the real one
-            return probed
+        if session.fast is not None:  # fast GPU stats: maybe the whole wrapper in native code
+            probed = session.fast.wrap(forward, name, wanted, session.begin_forward, session.end_of_forward,
+                                       self._emit_other, is_skipped_file)
+            if probed is not None:
+                return probed
 
         @functools.wraps(forward)
         def probed_forward(*args, **kwargs):

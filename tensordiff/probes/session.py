@@ -18,12 +18,11 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from tensordiff.probes import cpu_stats, fused_stats
+from tensordiff.probes import cpu_stats, fast_module_stats, fused_stats
 from tensordiff.probes.gpu_stats import StatsBatcher
 from tensordiff.probes.snapshot import Snapshot, snapshot, tensor_layout
 from tensordiff.schema import ROOT, module_record  # noqa: F401 (ROOT: re-exported)
 
-BLOCK_RECORDS = 1024  # fast GPU stats: records per stats buffer and per writer block
 def _version(t: torch.Tensor) -> int | None:
     """The tensor's in-place version counter (None where it has none, e.g. inference tensors)."""
     try:
@@ -63,7 +62,7 @@ class CaptureSession:
         self.drilling = False                  # True while a module call is re-run at op level
         self.error: dict | None = None         # where an exception left the model (innermost call, op)
         self.busy = False                      # True while we compute our own stats: not user ops
-        self.records = 0
+        self._records = 0  # records of the general path (records: with the fast path's)
         self.last_record: dict | None = None
         self._seen: dict = {}  # id(tensor) -> (weakref, key, version, CPU checksum, data saved?)
         # GPU stats without a sync per tensor: one fused launch per tensor where the kernel is available
@@ -75,19 +74,13 @@ class CaptureSession:
             exact = torch.cuda.is_available() and fused_stats.available()
             self.batcher = fused_stats.LaunchingBatcher() if exact else StatsBatcher()
         writer.before_block = self.flush_stats  # never let the writer wait on stats not yet computed
-        # Module-level GPU stats without per-record objects: CUDA tensors' stats go into one fused kernel
-        # launch each and their index rows into a block handed to the writer whole (see emit_module).
-        self._fast = (fast_gpu_stats and not save_data and replayer is None and self.batcher is not None
-                      and torch.cuda.is_available() and fused_stats.available())
-        self._block: list = []            # record tuples waiting for their stats buffer's copy to host
-        self._block_stats = None          # fused_stats.FusedStatsBuffer of the block
-        self._fast_seen: dict = {}        # (ptr, numel, dtype) or id -> (weakref, version, record id)
-        # The same work in C++ (probes/fast_records.cpp) when it builds: ~1 us per record instead of ~10.
-        self._rec = None
-        if self._fast:
-            from tensordiff.probes import fast_records
-
-            self._rec = fast_records.recorder(BLOCK_RECORDS)
+        # Module-level GPU stats without per-record objects (fast_module_stats: C++ or Python behind
+        # one interface): CUDA tensors' stats go into one fused kernel launch each, their index rows
+        # into blocks handed to the writer whole.
+        self.fast = None
+        if fast_gpu_stats and not save_data and replayer is None and self.batcher is not None \
+                and torch.cuda.is_available():
+            self.fast = fast_module_stats.choose(writer, self.emit_general)
         # Crash breadcrumbs: "about to run X" lines written straight to a file descriptor (no Python
         # buffering), so a process killed by the target still tells where it was.
         fd = os.environ.get("TENSORDIFF_PROGRESS_FD")
@@ -127,16 +120,20 @@ class CaptureSession:
         return seen[1]
 
     def flush_stats(self) -> None:
-        if self._block or (self._rec is not None and self._rec.pending()):
-            self._flush_block()
+        if self.fast is not None:
+            self.fast.flush()
         if self.batcher is not None:
             self.quietly(self.batcher.flush)
         hand_over = getattr(self.writer, "hand_over", None)
         if hand_over is not None:
             hand_over()
 
+    @property
+    def records(self) -> int:
+        return self._records + (self.fast.records if self.fast is not None else 0)
+
     def begin_forward(self) -> None:
-        if self._fast:
+        if self.fast is not None:
             self.writer.quiet.clear()  # stats blocks wait: the writer's Python would slow the forward
 
     def end_of_forward(self) -> None:
@@ -144,74 +141,27 @@ class CaptureSession:
         writer stays quiet until the run ends (capture() or the writer's close say so): its Python
         would otherwise hold the GIL right when the caller syncs on the forward's results."""
         self.flush_stats()
-        self._fast_seen.clear()
-        if self._rec is not None:
-            self._rec.forget()
+        if self.fast is not None:
+            self.fast.forget()
 
     # -- module records ------------------------------------------------------------------------
     def emit_module(self, module: str, direction: str, call: int, slot: str, source: str, t: torch.Tensor,
                     extra: dict | None = None) -> None:
-        """One module record. CUDA tensors in fast mode cost a few microseconds here: a tuple, an alias
-        lookup and one stats kernel launch; the writer thread builds the index row later."""
-        if self._fast and t.is_cuda and extra is None:
-            # inlined _emit_fast for an alias (half of all module records): no stats, no launch
-            version = t._version
-            contiguous = t.is_contiguous()
-            ident = (t.data_ptr(), t.numel(), t.dtype) if contiguous else id(t)
-            seen = self._fast_seen.get(ident)
-            if seen is not None and seen[1] == version and seen[0]() is not None:
-                self._block.append(((module, direction, call, slot), source, t.shape, t.stride(),
-                                    t.storage_offset(), t.dtype, -1, seen[2], t.device))
-                self.records += 1
-            else:
-                self._emit_fast(module, direction, call, slot, source, t, version, contiguous, ident)
-            return
-        if self._block or (self._rec is not None and self._rec.pending()):
-            self._flush_block()  # keep execution order in the file
+        """One module record. CUDA tensors in fast mode cost a few microseconds here (see
+        fast_module_stats); the writer thread builds the index row later."""
+        if self.fast is not None:
+            if t.is_cuda and extra is None:
+                self.fast.emit(module, direction, call, slot, source, t)
+                return
+            self.fast.flush()  # keep execution order in the file
+        self.emit_general(module, direction, call, slot, source, t, extra)
+
+    def emit_general(self, module: str, direction: str, call: int, slot: str, source: str, t: torch.Tensor,
+                     extra: dict | None = None) -> None:
         rec = module_record(module, direction, call, slot, source)
         if extra:
             rec.update(extra)
         self.emit(rec, t)
-
-    def _emit_fast(self, module, direction, call, slot, source, t, version, contiguous, ident) -> None:
-        """A record whose tensor is new: one stats launch. ``ident`` is how a later record of the
-        same data is recognised: stats do not depend on shape, so a contiguous view of captured memory
-        (q_proj's output seen as q_norm's [.., heads, dim] input) is the same data while the version
-        counter (shared by views) has not moved and the captured tensor still owns that memory."""
-        rid = (module, direction, call, slot)
-        buf = self._block_stats
-        if buf is None or buf.device_index != t.get_device():
-            if buf is not None:
-                self._flush_block()
-            buf = self._block_stats = fused_stats.FusedStatsBuffer(t.device, BLOCK_RECORDS)
-        row = buf.add(t, contiguous)
-        if row is None:  # the block is full
-            self._flush_block()
-            buf = self._block_stats = fused_stats.FusedStatsBuffer(t.device, BLOCK_RECORDS)
-            row = buf.add(t, contiguous)
-        self._fast_seen[ident] = (weakref.ref(t), version, rid)
-        self._block.append((rid, source, t.shape, t.stride(), t.storage_offset(), t.dtype, row, None, t.device))
-        self.records += 1
-
-    def record_tensors(self, obj, module: str, direction: str, call: int, prefix: str, source: str,
-                       bare_tensor_is_tuple: bool) -> None:
-        """Module records of every tensor in obj through the C++ recorder (fast mode with _rec);
-        tensors it does not take (not on CUDA) go through emit_module."""
-        others = self._rec.record(obj, module, direction, call, prefix, source, bare_tensor_is_tuple)
-        if others is not None:
-            for slot, t in others:
-                self.emit_module(module, direction, call, slot, source, t)
-
-    def _flush_block(self) -> None:
-        if self._rec is not None and self._rec.pending():
-            block = self._rec.detach()  # its records become Python tuples in the writer's thread
-            self.writer.write_block(block, [fused_stats.copy_to_host(raw, numel) for raw, numel in block.buffers()])
-            self.records += len(block)
-        if not self._block:
-            return
-        block, self._block = self._block, []
-        buf, self._block_stats = self._block_stats, None
-        self.writer.write_block(block, [buf.finish()] if buf is not None else [])
 
     def quietly(self, fn, *args):
         """Run our own tensor work (replays, copies) without the op probe recording it."""
@@ -249,7 +199,7 @@ class CaptureSession:
                     record["stats_only"] = True  # the original's bytes are not in this view's order
                 self._seen[id(tensor)] = (weakref.ref(tensor), seen[1], _version(tensor), seen[3], seen[4] and in_order)
                 self.writer.write(record, Snapshot(tensor_layout(tensor), None, None))
-                self.records += 1
+                self._records += 1
                 self.last_record = record
                 return
         if original is not None:
@@ -270,5 +220,5 @@ class CaptureSession:
             self.quietly(self.writer.write, record, snap)  # its torch ops are ours, not the model's
         else:
             self.writer.write(record, snap)  # queued: the writer's thread does the work
-        self.records += 1
+        self._records += 1
         self.last_record = record
