@@ -26,6 +26,9 @@ CONFIGS = [
     ("tensordiff module+op stats", "td", "both", "stats", False),
     ("tensordiff module+op full", "td", "both", "full", False),
     ("tensordiff fwd+bwd module+op full", "td", "both", "full", True),
+    # floors of any op-level capture through a Python dispatch mode, tensordiff's machinery not involved
+    ("floor: a bare TorchDispatchMode", "floor", "mode", "", False),
+    ("floor: mode + user source line + one native stats pass per output", "floor", "stats", "", False),
     ("msprobe L0 statistics", "ms", "L0", "statistics", False),
     ("msprobe mix statistics", "ms", "mix", "statistics", False),
     ("msprobe mix tensor", "ms", "mix", "tensor", False),
@@ -69,6 +72,28 @@ def _td_capture(model, inputs, level, save, backward, path):
     return seconds
 
 
+def _floor_capture(model, inputs, what):
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tensordiff.probes import cpu_stats
+    from tensordiff.source_lines import user_source_line
+
+    class Floor(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if what == "stats":
+                user_source_line()
+                if isinstance(out, torch.Tensor):
+                    cpu_stats.stats_and_checksum(out)
+            return out
+
+    start = time.perf_counter()
+    with torch.no_grad(), Floor():
+        model(**inputs.kwargs)
+    return time.perf_counter() - start
+
+
 def _ms_capture(model, inputs, level, task, backward, dump_dir):
     import torch
 
@@ -108,6 +133,8 @@ def worker(index: int, seq_len: int, rounds: int) -> dict:
     def run_once(i):
         if tool == "td":
             return _td_capture(model, inputs, level, what, backward, work / f"t{i}.h5")
+        if tool == "floor":
+            return _floor_capture(model, inputs, level)
         return _ms_capture(model, inputs, level, what, backward, work)
 
     plains, captures = [], []

@@ -124,7 +124,9 @@ class TraceWriter:
         self._pending_bytes = 0
         self._max_pending = max_pending_bytes
         self._queue: queue.Queue = queue.Queue()
-        self._batch: list = []  # stats-only records not yet handed to the writer's thread
+        self._batch: list = []  # (record, snap, nbytes) not yet handed to the writer's thread
+        self._batch_bytes = 0
+        self._batch_since = 0.0
         self._error: BaseException | None = None
         # synchronous: write in the caller's thread. For targets that may crash the process: nothing
         # acknowledged can be lost in a queue when the process dies.
@@ -148,28 +150,31 @@ class TraceWriter:
             self._write_now(record, snap)
             return
         nbytes = snap.data.raw.numel() if snap.data is not None else 0  # also stats-only host copies
-        if nbytes == 0:
-            # Records without bytes travel in batches: a queue hand-over (lock, condition) costs about
-            # as much as the rest of an op-level record. Only asynchronous writers batch, and they
-            # lose their queue with the process anyway.
-            self._batch.append((record, snap))
-            if len(self._batch) >= 64:
-                self.hand_over()
-            return
-        self.hand_over()  # keep the file's order
-        with self._cond:
-            if self._pending_bytes > 0 and self._pending_bytes + nbytes > self._max_pending:
-                self.before_block()  # e.g. compute batched stats the queued records wait for
-            while self._pending_bytes > 0 and self._pending_bytes + nbytes > self._max_pending:
-                self._cond.wait()
-            self._pending_bytes += nbytes
-        self._queue.put((record, snap, nbytes))
+        # Records travel to the writer's thread in batches: a hand-over (lock, condition, queue) costs
+        # about as much as the rest of an op-level record. Only asynchronous writers batch; they lose
+        # their queue with the process anyway.
+        if not self._batch:
+            self._batch_since = time.monotonic()
+        self._batch.append((record, snap, nbytes))
+        self._batch_bytes += nbytes
+        if len(self._batch) >= 64 or self._batch_bytes >= 8 << 20 or time.monotonic() - self._batch_since > 0.1:
+            self.hand_over()
 
     def hand_over(self) -> None:
-        """Queue the batched stats-only records now (the end of a forward: the writer may work)."""
-        if self._batch:
-            batch, self._batch = self._batch, []
-            self._queue.put((("batch", batch), None, 0))
+        """Queue the batched records now (also at the end of a forward: the writer may work). Blocks
+        while too many bytes are queued."""
+        if not self._batch:
+            return
+        batch, nbytes = self._batch, self._batch_bytes
+        self._batch, self._batch_bytes = [], 0
+        if nbytes:
+            with self._cond:
+                if self._pending_bytes > 0 and self._pending_bytes + nbytes > self._max_pending:
+                    self.before_block()  # e.g. compute batched stats the queued records wait for
+                while self._pending_bytes > 0 and self._pending_bytes + nbytes > self._max_pending:
+                    self._cond.wait()
+                self._pending_bytes += nbytes
+        self._queue.put((("batch", batch), None, nbytes))
 
     def add(self, record: dict, tensor: torch.Tensor, save: bool = True) -> None:
         """The plain record-adding API (importers of foreign dumps, tests): ``record`` holds index
@@ -202,7 +207,9 @@ class TraceWriter:
 
     @property
     def acknowledged(self) -> int:
-        """Records committed to the file: these survive a SIGKILL of this process."""
+        """Records committed to the file: these survive a SIGKILL of this process. (Asked from the
+        producer's thread: what it batched is handed over, so the count moves.)"""
+        self.hand_over()
         return self._committed
 
     def set_metadata(self, **items) -> None:
@@ -236,7 +243,14 @@ class TraceWriter:
                 if item[0] == "meta":
                     self._update_metadata(item[1])
                 elif isinstance(item[0], tuple) and item[0][0] == "batch":
-                    for record, snap in item[0][1]:
+                    # This thread's Python (JSON rows) holds the GIL the model's thread needs around
+                    # every op: while a traced run goes on, stats-only batches wait (unless many
+                    # queue up). Batches with bytes go on: their writes release the GIL, and the
+                    # model would wait on the byte budget otherwise.
+                    while not self.quiet.is_set() and item[2] == 0 and self._queue.qsize() < 256 \
+                            and self._pending_bytes == 0:
+                        self.quiet.wait(0.05)
+                    for record, snap, _ in item[0][1]:
                         self._write_now(record, snap)
                 elif isinstance(item[0], tuple) and item[0][0] == "block":
                     # (records with data behind it could fill the byte budget the model waits on: go on)
@@ -266,11 +280,17 @@ class TraceWriter:
             row = {**record, **snap.layout, "seq": seq, "has_data": has_data}
             self._append(seq, row, self._stats_by_seq[original])
             return
-        host = snap.data.materialize() if snap.data is not None else None
-        has_data = host is not None and snap.save
+        data = snap.data
+        if data is not None and data.logical and snap.stats is not None:
+            # bytes already in order and stats already taken (the CPU path): no torch op here, whose
+            # GIL hand-offs would stall the model's thread
+            host, raw = None, data.raw.numpy()
+        else:
+            host = data.materialize() if data is not None else None
+            raw = np.ascontiguousarray(_to_numpy(host)).reshape(-1).view(np.uint8) if host is not None else None
+        has_data = raw is not None and snap.save
         row = {**record, **snap.layout, "seq": seq, "has_data": has_data}
         if has_data:
-            raw = np.ascontiguousarray(_to_numpy(host)).reshape(-1).view(np.uint8)
             row["data_offset"], row["data_nbytes"] = self._blob_end, int(raw.nbytes)
             self._blob_pending.append(raw)
             self._blob_end += raw.nbytes

@@ -133,8 +133,8 @@ class CaptureSession:
         return self._records + (self.fast.records if self.fast is not None else 0)
 
     def begin_forward(self) -> None:
-        if self.fast is not None:
-            self.writer.quiet.clear()  # stats blocks wait: the writer's Python would slow the forward
+        if not self._writer_runs_ops and hasattr(self.writer, "quiet"):
+            self.writer.quiet.clear()  # records wait: the writer's Python would slow the forward
 
     def end_of_forward(self) -> None:
         """The root module returned: hand over every pending stat, forget tensor identities. The

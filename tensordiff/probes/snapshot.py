@@ -106,6 +106,7 @@ class PendingTensor:
     shape: tuple
     stride: tuple
     event: object = None  # CUDA event to wait on before the bytes are valid
+    logical: bool = False  # raw already holds the logical (row-major) array: nothing to rebuild
 
     def materialize(self) -> torch.Tensor:
         if self.event is not None:
@@ -208,7 +209,7 @@ def snapshot(t: torch.Tensor, save_data: bool = True, batcher=None) -> Snapshot:
             both = cpu_stats.stats_and_checksum(dense)
             if both is not None:
                 raw = dense.view(-1).view(torch.uint8)
-                data = PendingTensor(raw, t.dtype, tuple(t.shape), tuple(dense.stride()))
+                data = PendingTensor(raw, t.dtype, tuple(t.shape), tuple(dense.stride()), logical=True)
                 return Snapshot(tensor_layout(t), both[0], data, True, checksum=both[1])
     t = t.detach()
     if t.device.type == "cuda" and batcher is not None:
