@@ -121,7 +121,11 @@ class TraceWriter:
         self._committed = 0
         self._last_commit = time.monotonic()
         self._cond = threading.Condition()
-        self._pending_bytes = 0
+        # bytes queued = produced - consumed; each counter has one writing thread, so the producer's
+        # common case (under budget) takes no lock: a blocking acquire hands the GIL to the writer's
+        # thread and waits for it back
+        self._produced_bytes = 0
+        self._consumed_bytes = 0
         self._max_pending = max_pending_bytes
         self._queue: queue.Queue = queue.Queue()
         self._batch: list = []  # (record, snap, nbytes) not yet handed to the writer's thread
@@ -160,6 +164,10 @@ class TraceWriter:
         if len(self._batch) >= 64 or self._batch_bytes >= 8 << 20 or time.monotonic() - self._batch_since > 0.1:
             self.hand_over()
 
+    @property
+    def _pending_bytes(self) -> int:
+        return self._produced_bytes - self._consumed_bytes
+
     def hand_over(self) -> None:
         """Queue the batched records now (also at the end of a forward: the writer may work). Blocks
         while too many bytes are queued."""
@@ -167,13 +175,12 @@ class TraceWriter:
             return
         batch, nbytes = self._batch, self._batch_bytes
         self._batch, self._batch_bytes = [], 0
-        if nbytes:
+        if nbytes and self._pending_bytes > 0 and self._pending_bytes + nbytes > self._max_pending:
+            self.before_block()  # e.g. compute batched stats the queued records wait for
             with self._cond:
-                if self._pending_bytes > 0 and self._pending_bytes + nbytes > self._max_pending:
-                    self.before_block()  # e.g. compute batched stats the queued records wait for
                 while self._pending_bytes > 0 and self._pending_bytes + nbytes > self._max_pending:
                     self._cond.wait()
-                self._pending_bytes += nbytes
+        self._produced_bytes += nbytes
         self._queue.put((("batch", batch), None, nbytes))
 
     def add(self, record: dict, tensor: torch.Tensor, save: bool = True) -> None:
@@ -268,7 +275,7 @@ class TraceWriter:
                 self._error = exc
             finally:
                 with self._cond:
-                    self._pending_bytes -= item[2]
+                    self._consumed_bytes += item[2]
                     self._cond.notify_all()
 
     def _write_now(self, record: dict, snap) -> None:
