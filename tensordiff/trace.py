@@ -128,6 +128,8 @@ class TraceWriter:
         self._consumed_bytes = 0
         self._max_pending = max_pending_bytes
         self._queue: queue.Queue = queue.Queue()
+        self._ring = None       # probes/staging.Ring lent to this writer (CPU copies), once asked for
+        self._staged_upto = 0   # ring offset up to which the bytes are in the blob's pending list
         self._batch: list = []  # (record, snap, nbytes) not yet handed to the writer's thread
         self._batch_bytes = 0
         self._batch_since = 0.0
@@ -153,7 +155,10 @@ class TraceWriter:
         if self.synchronous:
             self._write_now(record, snap)
             return
-        nbytes = snap.data.raw.numel() if snap.data is not None else 0  # also stats-only host copies
+        # bytes this record holds in memory until written (also stats-only host copies); copies in the
+        # staging ring hold none beyond the ring's own
+        data = snap.data
+        nbytes = 0 if data is None or data.release is not None else data.raw.numel()
         # Records travel to the writer's thread in batches: a hand-over (lock, condition, queue) costs
         # about as much as the rest of an op-level record. Only asynchronous writers batch; they lose
         # their queue with the process anyway.
@@ -181,7 +186,8 @@ class TraceWriter:
                 while self._pending_bytes > 0 and self._pending_bytes + nbytes > self._max_pending:
                     self._cond.wait()
         self._produced_bytes += nbytes
-        self._queue.put((("batch", batch), None, nbytes))
+        carries_data = nbytes > 0 or any(snap.data is not None for _, snap, _ in batch)
+        self._queue.put((("batch", batch, carries_data), None, nbytes))
 
     def add(self, record: dict, tensor: torch.Tensor, save: bool = True) -> None:
         """The plain record-adding API (importers of foreign dumps, tests): ``record`` holds index
@@ -211,6 +217,15 @@ class TraceWriter:
         else:
             self.hand_over()
             self._queue.put((("block", records), parts, 0))
+
+    @property
+    def staging_ring(self):
+        """Reused host memory for the producer's CPU copies (probes/staging); given back at close."""
+        if self._ring is None:
+            from tensordiff.probes import staging
+
+            self._ring = staging.borrow()
+        return self._ring
 
     @property
     def acknowledged(self) -> int:
@@ -254,7 +269,7 @@ class TraceWriter:
                     # every op: while a traced run goes on, stats-only batches wait (unless many
                     # queue up). Batches with bytes go on: their writes release the GIL, and the
                     # model would wait on the byte budget otherwise.
-                    while not self.quiet.is_set() and item[2] == 0 and self._queue.qsize() < 256 \
+                    while not self.quiet.is_set() and not item[0][2] and self._queue.qsize() < 256 \
                             and self._pending_bytes == 0:
                         self.quiet.wait(0.05)
                     for record, snap, _ in item[0][1]:
@@ -269,7 +284,8 @@ class TraceWriter:
                 # Index rows are committed in batches (each h5py call holds the GIL the model's thread
                 # needs): every 256 records or 0.2 s, whichever comes first, and at close.
                 if len(self._rows_pending) >= 256 or time.monotonic() - self._last_commit > 0.2 \
-                        or self._blob_end - self._blob_written > 64 << 20:
+                        or self._blob_end - self._blob_written > 64 << 20 \
+                        or (self._ring is not None and self._staged_upto - self._ring.tail > self._ring.size // 2):
                     self._commit()
             except BaseException as exc:  # surfaced to the producer on its next write / close
                 self._error = exc
@@ -291,12 +307,14 @@ class TraceWriter:
         if data is not None and data.logical and snap.stats is not None:
             # bytes already in order and stats already taken (the CPU path): no torch op here, whose
             # GIL hand-offs would stall the model's thread
-            host, raw = None, data.raw.numpy()
+            host, raw = None, data.raw_numpy()
         else:
             host = data.materialize() if data is not None else None
             raw = np.ascontiguousarray(_to_numpy(host)).reshape(-1).view(np.uint8) if host is not None else None
         has_data = raw is not None and snap.save
         row = {**record, **snap.layout, "seq": seq, "has_data": has_data}
+        if data is not None and data.release is not None:
+            self._staged_upto = data.release  # records come in order: the latest is the furthest
         if has_data:
             row["data_offset"], row["data_nbytes"] = self._blob_end, int(raw.nbytes)
             self._blob_pending.append(raw)
@@ -349,6 +367,8 @@ class TraceWriter:
                 self._blob[self._blob_written:self._blob_end] = data
             self._blob_written = self._blob_end
             self._blob_pending.clear()
+        if self._ring is not None and self._staged_upto:
+            self._ring.release(self._staged_upto)  # those bytes are in the file (or were never needed)
         start, n = self._committed, len(self._rows_pending)
         self._index.resize((start + n,))
         self._index[start:start + n] = [r for r, _ in self._rows_pending]
@@ -399,6 +419,11 @@ class TraceWriter:
             if complete and self._error is None:
                 self._file.attrs["complete"] = True
             self._file.close()
+        if self._ring is not None:
+            from tensordiff.probes import staging
+
+            staging.give_back(self._ring)
+            self._ring = None
         if self._error is not None:
             raise self._error
 

@@ -106,3 +106,36 @@ def test_view_outputs_become_aliases_with_their_own_stats(tmp_path):
     assert torch.equal(trace.tensor(v_out), y.view(-1))  # same order: the data is there
     with pytest.raises(TensordiffError, match="stats only"):
         trace.tensor(t_out)
+
+
+def test_full_capture_through_a_small_staging_ring_keeps_every_value(tmp_path, monkeypatch):
+    """Copies go into a reused ring that wraps many times (and is full at times: then a clone):
+    every saved tensor still reads back equal to the value at capture time, also a transpose's
+    input and a tensor changed in place right after it was captured."""
+    from tensordiff.probes import staging
+
+    monkeypatch.setattr(staging, "RING_BYTES", 256 << 10)
+    monkeypatch.setattr(staging, "_free", [])
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            outs = []
+            for i in range(40):  # 40 x 32 KB of new tensors: the 256 KB ring wraps
+                y = x * float(i + 1)
+                z = y.t() @ x      # mm of a transpose: its input is saved in memory order, rebuilt
+                y.add_(1.0)        # in place after capture: the record keeps the value before
+                outs.append(z.sum() + y.sum())
+            return torch.stack(outs)
+
+    x = torch.randn(128, 64)
+    path = tmp_path / "ring.h5"
+    tensordiff.capture(M(), {"x": x}, path, level="both", save="full")
+    trace = TraceReader(path)
+    rows = trace.index
+    muls = [k for k in rows["key"] if ".mul.Tensor/out.0" in k]
+    mms = [k for k in rows["key"] if ".mm/in.0" in k]
+    assert len(muls) == 40 and len(mms) == 40
+    for i, (k_mul, k_mm) in enumerate(zip(muls, mms)):
+        want = x * float(i + 1)
+        assert torch.equal(trace.tensor(k_mul), want), k_mul
+        assert torch.equal(trace.tensor(k_mm), want.t()), k_mm

@@ -62,6 +62,7 @@ class CaptureSession:
         self.drilling = False                  # True while a module call is re-run at op level
         self.error: dict | None = None         # where an exception left the model (innermost call, op)
         self.busy = False                      # True while we compute our own stats: not user ops
+        self._ring = None  # the writer's staging ring for CPU copies (False: it has none)
         self._records = 0  # records of the general path (records: with the fast path's)
         self.last_record: dict | None = None
         self._seen: dict = {}  # id(tensor) -> (weakref, key, version, CPU checksum, data saved?)
@@ -184,6 +185,11 @@ class CaptureSession:
             return None
         return seen
 
+    def _staging_ring(self):
+        if self._ring is None:
+            self._ring = getattr(self.writer, "staging_ring", False)
+        return self._ring or None
+
     def emit(self, record: dict, tensor: torch.Tensor, save_data: bool | None = None,
              same_as: torch.Tensor | None = None) -> None:
         """One record. ``same_as``: the input a view op's output was made from (recorded just before
@@ -208,7 +214,8 @@ class CaptureSession:
             record = {**record, "alias_of": original}
             snap = Snapshot(tensor_layout(tensor), None, None)
         else:
-            snap = self.quietly(snapshot, tensor, save, self.batcher)
+            ring = self._staging_ring() if save and tensor.device.type == "cpu" else None
+            snap = self.quietly(snapshot, tensor, save, self.batcher, ring)
             fingerprint = snap.checksum
             if fingerprint is None and tensor.device.type == "cpu":
                 fingerprint = self.quietly(_fingerprint, tensor)

@@ -107,10 +107,16 @@ class PendingTensor:
     stride: tuple
     event: object = None  # CUDA event to wait on before the bytes are valid
     logical: bool = False  # raw already holds the logical (row-major) array: nothing to rebuild
+    release: int | None = None  # staging ring offset to give back once the bytes are in the file
+
+    def raw_numpy(self) -> np.ndarray:
+        return self.raw if isinstance(self.raw, np.ndarray) else self.raw.numpy()
 
     def materialize(self) -> torch.Tensor:
         if self.event is not None:
             self.event.synchronize()
+        if isinstance(self.raw, np.ndarray):  # staging ring bytes
+            self.raw = torch.from_numpy(self.raw)
         if not self.shape or self.raw.numel() == 0:
             flat = self.raw.view(self.dtype) if self.raw.numel() else torch.empty(0, dtype=self.dtype)
             return flat.reshape(self.shape) if flat.numel() == int(np.prod(self.shape)) else flat
@@ -192,7 +198,7 @@ def _stats_to_host_async(t: torch.Tensor) -> tuple[torch.Tensor, object]:
 TRUSTED_DEVICES = ("cpu", "cuda", "xpu", "mps")
 
 
-def snapshot(t: torch.Tensor, save_data: bool = True, batcher=None) -> Snapshot:
+def snapshot(t: torch.Tensor, save_data: bool = True, batcher=None, ring=None) -> Snapshot:
     """Layout, stats and data of t. On the host (CPU tensors, and devices we do not trust) the copy is
     taken here and the stats are computed from it by the trace writer's thread, off the model's path;
     on a trusted accelerator the stats are computed there, without a sync."""
@@ -205,6 +211,13 @@ def snapshot(t: torch.Tensor, save_data: bool = True, batcher=None) -> Snapshot:
             if both is not None:
                 return Snapshot(tensor_layout(t), both[0], None, False, checksum=both[1])
         else:
+            # into reused host memory (probes/staging) where it has room: no page faults
+            both = cpu_stats.stats_and_checksum(t) if ring is not None and cpu_stats.dense(t) else None
+            copied = ring.copy(t) if both is not None else None
+            if copied is not None:
+                data = PendingTensor(copied[0], t.dtype, tuple(t.shape), tuple(t.stride()),
+                                     logical=t.is_contiguous(), release=copied[1])
+                return Snapshot(tensor_layout(t), both[0], data, True, checksum=both[1])
             dense = t.detach().clone(memory_format=torch.contiguous_format)
             both = cpu_stats.stats_and_checksum(dense)
             if both is not None:
