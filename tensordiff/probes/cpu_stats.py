@@ -93,18 +93,25 @@ def dense(t: torch.Tensor) -> bool:
     return True
 
 
-def stats_and_checksum(t: torch.Tensor) -> tuple[torch.Tensor, int] | None:
-    """(stats vector, checksum) of a strided CPU float tensor in one native call, or None where
-    this path does not apply. A view that leaves gaps (a slice) is copied first: neither the stats
-    nor the checksum depend on the elements' order."""
-    code = _DTYPE_CODE.get(t.dtype)
-    if code is None or t.layout != torch.strided or t.device.type != "cpu" or t.numel() == 0:
+def _native(t: torch.Tensor):
+    """(library, t as dense bytes) where the native path applies: a strided CPU tensor, a view that
+    leaves gaps (a slice) copied first; neither stats nor checksum depend on the elements' order."""
+    if t.layout != torch.strided or t.device.type != "cpu" or t.numel() == 0:
         return None
     lib = _library()
     if lib is None:
         return None
-    if not dense(t):
-        t = t.contiguous()
+    return lib, (t if dense(t) else t.contiguous())
+
+
+def stats_and_checksum(t: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """(stats vector, checksum) of a CPU float tensor in one native call, or None where this path
+    does not apply."""
+    code = _DTYPE_CODE.get(t.dtype)
+    ready = _native(t) if code is not None else None
+    if ready is None:
+        return None
+    lib, t = ready
     out = np.empty(10, np.float64)  # numpy, not torch.empty: no trip through an active dispatch mode
     if lib.td_cpu_stats(t.data_ptr(), t.numel(), code, out.ctypes.data) != 0:
         return None
@@ -112,7 +119,7 @@ def stats_and_checksum(t: torch.Tensor) -> tuple[torch.Tensor, int] | None:
 
 
 def stats(t: torch.Tensor) -> torch.Tensor | None:
-    """The stats vector of a strided CPU float tensor, None where this path does not apply."""
+    """The stats vector of a CPU float tensor, None where this path does not apply."""
     both = stats_and_checksum(t)
     return None if both is None else both[0]
 
@@ -120,13 +127,10 @@ def stats(t: torch.Tensor) -> torch.Tensor | None:
 def checksum(t: torch.Tensor) -> int | None:
     """A checksum of a CPU tensor's elements, independent of their order (a transpose, a copy and
     the tensor agree); None where this path does not apply."""
-    if t.layout != torch.strided or t.device.type != "cpu" or t.is_complex():
+    ready = _native(t) if not t.is_complex() else None
+    if ready is None:
         return None
-    lib = _library()
-    if lib is None:
-        return None
-    if not dense(t):
-        t = t.contiguous()
+    lib, t = ready
     size = t.element_size()
     if size not in (1, 2, 4, 8):
         return int(lib.td_checksum(t.data_ptr(), t.numel() * size, 1))
