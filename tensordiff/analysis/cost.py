@@ -289,13 +289,13 @@ def cost_section(timing: dict, ref_meta: dict, tgt_meta: dict) -> tuple[dict | N
         rate = lambda s: f", {tokens / s:,.0f} tokens/s" if tokens else ""  # noqa: E731
         if tokens:
             out.update(reference_tokens_per_s=tokens / ref_s, target_tokens_per_s=tokens / tgt_s)
-        which = f"{slowdown:.3g}x slower" if slowdown >= 1 else f"{1 / slowdown:.3g}x faster"
+        which = "the target is " + (f"{slowdown:.3g}x slower" if slowdown >= 1 else f"{1 / slowdown:.3g}x faster")
         if ratios and ratios[0] < 1 < ratios[-1] and ratios[-1] / ratios[0] > UNSTEADY:
             out["unsteady"] = [ratios[0], ratios[-1]]
-            which = (f"no clear difference (the pairs of runs said {ratios[0]:.3g}x to {ratios[-1]:.3g}x: "
-                     "the machine's load changed while they ran)")
+            which = (f"no clear difference between them (pairs of runs said {ratios[0]:.3g}x to "
+                     f"{ratios[-1]:.3g}x: the machine's load changed while they ran)")
         lines.append(f"time per forward{' and backward' if job.get('backward') else ''} (plain runs, {how}): "
-                     f"reference {ref_s:.3g} s{rate(ref_s)}, target {tgt_s:.3g} s{rate(tgt_s)}: the target is {which}")
+                     f"reference {ref_s:.3g} s{rate(ref_s)}, target {tgt_s:.3g} s{rate(tgt_s)}: {which}")
     if ref_meta.get("cost") and tgt_meta.get("cost"):
         rows, more = compare_costs(ref_meta["cost"], tgt_meta["cost"])
         out["modules"] = rows
