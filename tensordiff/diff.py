@@ -160,9 +160,11 @@ def compare_traces(ref: TraceReader, tgt: TraceReader, policy: TolerancePolicy,
     for rrow, trow, tensors in _prefetched_pairs(ref, tgt, alignment.pairs):
         rkey, tkey = rrow["key"], trow["key"]
         tol = policy.for_record(tkey, trow["dtype"])
-        m = _row_metrics(rrow, trow, tol, tensors)
+        # memory no op has written yet (aten::empty...) holds the allocator's leftovers on both sides
+        uninitialized = rrow.get("uninitialized") is True or trow.get("uninitialized") is True
+        m = {"status": "uninitialized"} if uninitialized else _row_metrics(rrow, trow, tol, tensors)
         del tensors
-        judged = _judge(judge, tkey, trow, tol, tgt) if judge else {}
+        judged = _judge(judge, tkey, trow, tol, tgt) if judge and not uninitialized else {}
         rows.append({
             "key": tkey, "ref_key": rkey, "seq": trow["seq"], "kind": trow["kind"],
             "direction": trow["direction"], "module": trow["module"], "scope": trow["scope"],
@@ -175,7 +177,8 @@ def compare_traces(ref: TraceReader, tgt: TraceReader, policy: TolerancePolicy,
             **{k: v for k, v in m.items()},
             "worst_index": unravel(m.get("worst_flat", -1), trow["shape"]),
             "atol": tol.atol, "rtol": tol.rtol, "tol_rel_l2": tol.rel_l2,
-            "beyond": judged["fp64_wrong"] or m.get("nonfinite_mismatch", 0) > 0 if judged else beyond(m, tol),
+            "beyond": False if uninitialized else
+                      judged["fp64_wrong"] or m.get("nonfinite_mismatch", 0) > 0 if judged else beyond(m, tol),
             **judged,
         })
     table = pd.DataFrame(rows)

@@ -210,6 +210,35 @@ def test_clean_bf16_moe_backward_with_router_flips_matches(tmp_path):
     assert res.flips and res.rounding is not None and res.rounding["key"].count("backward")
 
 
+def test_clean_bf16_op_level_backward_raises_nothing_and_a_backward_bug_is_still_found(tmp_path):
+    """--level both --backward in bf16: autograd's own ops (no module scope, no replay) carry bf16
+    rounding over their budget; the module-level backward replay vouches for them. A module whose
+    hand-written backward is wrong is still the culprit at the same level."""
+    res = trace_job(make_job(tmp_path, target="cpu-bf16", level="both", backward=True, seq_len=128,
+                             isolate=False)).result
+    table = res.table
+    assert ((table["kind"] == "op") & (table["direction"] == "backward") & table["beyond"]).any()
+    assert res.verdict == "match" and res.culprit is None, (res.first_divergence, res.culprit)
+    bug = trace_job(make_job(tmp_path, name="bug", target=f"{PLUGINS}/planted.py:wrong_backward_in_layer1_act",
+                             level="both", backward=True, isolate=False)).result
+    assert bug.verdict == "diverged"
+    assert bug.culprit["module"] == "model.layers.1.mlp.act_fn" and bug.culprit["direction"] == "backward"
+
+
+def test_uninitialized_memory_is_never_compared(tmp_path):
+    """Qwen3-MoE's experts fill a torch.empty_like buffer: at op level its records (the allocation's
+    output, the in-place fill's destination before it runs) hold the allocator's leftovers on both
+    sides. They are marked and left out, not called a divergence."""
+    res = trace_job(make_job(tmp_path, model="qwen-moe", target="cpu-bf16", level="both", seq_len=128,
+                             isolate=False)).result
+    table = res.table
+    empty = table[table["op"].astype(str).str.startswith("aten::empty") & table["slot"].str.startswith("out")]
+    assert len(empty) >= 2 and (empty["status"] == "uninitialized").all() and not empty["beyond"].any()
+    prototypes = table[table["op"].astype(str).str.startswith("aten::empty") & table["slot"].str.startswith("in")]
+    assert (prototypes["status"] == "ok").all()  # empty_like's input is real data: compared
+    assert res.verdict == "match", (res.first_divergence, res.culprit)
+
+
 def test_state_file_keeps_two_parameters_sharing_memory(tmp_path):
     """Two distinct parameters over the same memory (a hand-made tie) are written once and both
     restored; a model with a tensor the file lacks is a clear error."""

@@ -29,6 +29,12 @@ from tensordiff.source_lines import user_source_line
 _IGNORED = frozenset({"aten::detach"})
 
 
+def allocates_uninitialized(name: str) -> bool:
+    """aten::empty, empty_like, empty_strided, new_empty...: outputs hold whatever the allocator's
+    memory held. Their values mean nothing until an op writes them: never compared."""
+    return name.startswith(("aten::empty", "aten::new_empty"))
+
+
 def op_short_name(func) -> str:
     name = func.name().split("::", 1)[-1]
     return name[:-8] if name.endswith(".default") else name
@@ -128,6 +134,8 @@ class OpRecorder(Observer):
 
     def on_op(self, op: TraceOp, args, kwargs, out) -> None:
         save = False if op.is_view else None
+        if isinstance(out, torch.Tensor) and allocates_uninitialized(op.base["op"]):
+            self.session.mark_uninitialized(out)
         if isinstance(out, torch.Tensor):  # most ops: one output, no observer extras
             rec = {**op.base, "key": f"{op.prefix}/out.0", "slot": "out.0"}
             if op.extra:

@@ -62,6 +62,7 @@ class CaptureSession:
         self.drilling = False                  # True while a module call is re-run at op level
         self.error: dict | None = None         # where an exception left the model (innermost call, op)
         self.busy = False                      # True while we compute our own stats: not user ops
+        self._uninit: dict = {}  # id(tensor) -> (weakref, version at allocation): never-written memory
         self._ring = None  # the writer's staging ring for CPU copies (False: it has none)
         self._records = 0  # records of the general path (records: with the fast path's)
         self.last_record: dict | None = None
@@ -185,6 +186,21 @@ class CaptureSession:
             return None
         return seen
 
+    def mark_uninitialized(self, tensor: torch.Tensor) -> None:
+        """A tensor fresh from an uninitialising allocation (aten::empty...): its records, and those
+        of its views, say so until an op writes into it (its version counter moves)."""
+        self._uninit[id(tensor)] = (weakref.ref(tensor), _version(tensor))
+
+    def _is_uninitialized(self, tensor: torch.Tensor) -> bool:
+        entry = self._uninit.get(id(tensor))
+        if entry is None and tensor._base is not None:  # a view of one
+            entry = self._uninit.get(id(tensor._base))
+            if entry is not None and entry[0]() is not tensor._base:
+                return False
+        elif entry is not None and entry[0]() is not tensor:
+            return False
+        return entry is not None and entry[1] is not None and entry[1] == _version(tensor)
+
     def _staging_ring(self):
         if self._ring is None:
             self._ring = getattr(self.writer, "staging_ring", False)
@@ -195,6 +211,8 @@ class CaptureSession:
         """One record. ``same_as``: the input a view op's output was made from (recorded just before
         the op ran), so a view with the same elements becomes an alias instead of a new stats pass."""
         save = self.save_data if save_data is None else save_data
+        if self._uninit and self._is_uninitialized(tensor):
+            record = {**record, "uninitialized": True}
         original = self._already_captured(tensor, save)
         if original is None and same_as is not None and not save:
             seen = self._same_elements_as(tensor, same_as)
