@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tensordiff.build_cache import build_cache
 
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 _LIB: list = [None, False]  # library, tried
@@ -47,7 +48,7 @@ def _library():
         return None
     src = Path(__file__).with_name("cpu_stats.c")
     key = hashlib.sha256(src.read_bytes() + _cpu_flags().encode() + cc.encode()).hexdigest()[:16]
-    root = Path(os.environ.get("TENSORDIFF_CACHE", Path.home() / ".cache" / "tensordiff"))
+    root = build_cache()
     out = root / f"cpu_stats-{key}.so"
     if not out.exists():
         try:

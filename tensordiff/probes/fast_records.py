@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from tensordiff.probes import fused_stats
+from tensordiff.build_cache import build_cache
 
 _EXT = [None, False]  # module, tried
 
@@ -34,7 +35,7 @@ def _load():
 
     src = Path(__file__).with_name("fast_records.cpp")
     digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
-    root = Path(os.environ.get("TENSORDIFF_CACHE", Path.home() / ".cache" / "tensordiff"))
+    root = build_cache()
     out = root / (f"fast_records-{digest}-torch{torch.__version__.replace('+', '_')}"
                   f"-py{sys.version_info[0]}{sys.version_info[1]}")
     out.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tensordiff.build_cache import build_cache
 
 try:
     import triton
@@ -80,7 +81,7 @@ def _cuda_library():
     major, minor = torch.cuda.get_device_capability()
     arch = f"{major}{minor}"
     digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
-    root = Path(os.environ.get("TENSORDIFF_CACHE", Path.home() / ".cache" / "tensordiff"))
+    root = build_cache()
     torch_major = (torch.version.cuda or "0").split(".")[0]
     wanted = os.environ.get("TENSORDIFF_CUDART")
     variants = [wanted] if wanted in ("shared", "static") else ["shared", "static"]

@@ -35,10 +35,10 @@ def _fingerprint(t: torch.Tensor) -> float | int | None:
     """A checksum of a CPU tensor's values (None elsewhere: comparing it would need a device sync)."""
     if t.device.type != "cpu" or t.is_complex():
         return None
-    d = t.detach()
-    fast = cpu_stats.checksum(d)  # one native pass over the bytes; None for a strided view
+    fast = cpu_stats.checksum(t)  # one native pass; no detach first (an op a dispatch mode would see)
     if fast is not None:
         return fast
+    d = t.detach()
     try:  # numpy's sum has a quarter of a torch op's overhead; this runs twice per op-level record
         with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is a fine fingerprint: NaN
             return float(d.numpy().sum(dtype=np.float64))
@@ -217,15 +217,11 @@ class CaptureSession:
         if original is None and same_as is not None and not save:
             seen = self._same_elements_as(tensor, same_as)
             if seen is not None:
+                original = seen[1]
                 in_order = tensor.is_contiguous() and same_as.is_contiguous()
-                record = {**record, "alias_of": seen[1]}
                 if not in_order:
-                    record["stats_only"] = True  # the original's bytes are not in this view's order
-                self._seen[id(tensor)] = (weakref.ref(tensor), seen[1], _version(tensor), seen[3], seen[4] and in_order)
-                self.writer.write(record, Snapshot(tensor_layout(tensor), None, None))
-                self._records += 1
-                self.last_record = record
-                return
+                    record = {**record, "stats_only": True}  # the original's bytes are not in this order
+                self._seen[id(tensor)] = (weakref.ref(tensor), original, _version(tensor), seen[3], seen[4] and in_order)
         if original is not None:
             # The same tensor, unchanged since it was captured (a module's output is the next one's
             # input; an op's output is the next op's input): record an alias, copy nothing.

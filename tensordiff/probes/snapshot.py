@@ -199,9 +199,11 @@ TRUSTED_DEVICES = ("cpu", "cuda", "xpu", "mps")
 
 
 def snapshot(t: torch.Tensor, save_data: bool = True, batcher=None, ring=None) -> Snapshot:
-    """Layout, stats and data of t. On the host (CPU tensors, and devices we do not trust) the copy is
-    taken here and the stats are computed from it by the trace writer's thread, off the model's path;
-    on a trusted accelerator the stats are computed there, without a sync."""
+    """Layout, stats and data of t. CPU tensors: stats (and the checksum) from one native pass here,
+    the copy into the writer's staging ``ring`` where it has room; without the native library the
+    copy is taken here and the writer's thread computes the stats. Devices we do not trust: the
+    copy, stats from it in the writer's thread. A trusted accelerator computes its stats itself,
+    without a sync."""
     if t.device.type == "cpu" and t.layout == torch.strided:
         # One native pass gives the stats and the checksum the session keeps (see cpu_stats): over
         # the live tensor when only stats are kept (cheaper than a copy for the writer's thread to
@@ -218,8 +220,9 @@ def snapshot(t: torch.Tensor, save_data: bool = True, batcher=None, ring=None) -
                 data = PendingTensor(copied[0], t.dtype, tuple(t.shape), tuple(t.stride()),
                                      logical=t.is_contiguous(), release=copied[1])
                 return Snapshot(tensor_layout(t), both[0], data, True, checksum=both[1])
-            dense = t.detach().clone(memory_format=torch.contiguous_format)
-            both = cpu_stats.stats_and_checksum(dense)
+            dense = t.detach().clone(memory_format=torch.contiguous_format)  # the ring is full (or t has gaps)
+            if both is None:
+                both = cpu_stats.stats_and_checksum(dense)
             if both is not None:
                 raw = dense.view(-1).view(torch.uint8)
                 data = PendingTensor(raw, t.dtype, tuple(t.shape), tuple(dense.stride()), logical=True)

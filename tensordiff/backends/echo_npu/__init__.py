@@ -8,7 +8,6 @@ Only one PrivateUse1 backend can live in a process: ``trace`` runs targets in a 
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 
 from tensordiff.errors import TensordiffError
 from tensordiff.progress import status
+from tensordiff.build_cache import build_cache
 
 DEVICE = "echo_npu"
 FAULTS = {
@@ -32,7 +32,7 @@ _EXT = None
 
 
 def build_dir() -> Path:
-    root = Path(os.environ.get("TENSORDIFF_CACHE", Path.home() / ".cache" / "tensordiff"))
+    root = build_cache()
     path = root / f"echo_npu-torch{torch.__version__.replace('+', '_')}-py{sys.version_info[0]}{sys.version_info[1]}"
     path.mkdir(parents=True, exist_ok=True)
     return path
