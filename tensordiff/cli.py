@@ -99,6 +99,10 @@ def trace(
                                            "target's own inputs (local error: introduced vs amplified). "
                                            "--no-replay: faster; module-level stats on CUDA then take the "
                                            "fused-kernel path."),
+    live: bool = typer.Option(True, help="A target run in this process on the reference's device type is "
+                                         "measured against the reference's records as it runs; only calls "
+                                         "beyond tolerance are replayed and (with --save full) saved with "
+                                         "their tensors. --no-live: replay every call, save every tensor."),
     filter: Optional[str] = typer.Option(None, "--filter", help="Regex on module names to capture."),
     attention_mask: bool = typer.Option(False, help="Pass a padded attention mask."),
     atol: Optional[float] = typer.Option(None, help="Override absolute tolerance."),
@@ -131,7 +135,7 @@ def trace(
                    seq_len=seq_len, seed=seed, level=level, save=save, backward=backward,
                    module_filter=filter, attention_mask=attention_mask, atol=atol, rtol=rtol, fault=fault,
                    isolate=isolate, judge_fp64=_judge_mode(judge), per_pattern=_parse_tolerances(tol),
-                   replay=replay, guard=guard, timing=timing, lora_rank=lora_rank)
+                   replay=replay, guard=guard, timing=timing, lora_rank=lora_rank, live=live)
     import time
 
     from tensordiff import progress

@@ -106,13 +106,19 @@ def _read_pair(ref: TraceReader, tgt: TraceReader, rrow: dict, trow: dict):
     return ref.tensor(rrow["key"]), tgt.tensor(trow["key"])
 
 
-def _row_metrics(rrow: dict, trow: dict, tol: Tolerance, tensors) -> dict:
+def _row_metrics(rrow: dict, trow: dict, tol: Tolerance, tensors, live: bool = False) -> dict:
     if list(rrow["shape"]) != list(trow["shape"]):
         return {"status": "shape_mismatch"}
     if tensors is not None:
         m = compare(*tensors, tol)
         m["from_stats"] = False
         return m
+    if live:  # measured against this very reference while the target ran (observers/live_compare)
+        from tensordiff.observers.live_compare import metrics_from_live
+
+        m = metrics_from_live(trow, rrow, trow)
+        if m is not None:
+            return m
     return _metrics_from_stats(rrow, trow)
 
 
@@ -156,13 +162,14 @@ def compare_traces(ref: TraceReader, tgt: TraceReader, policy: TolerancePolicy,
     if "drill" in tindex.columns:  # drill-down op records have no reference counterpart by design
         tindex = tindex[tindex["drill"].isna() | (tindex["drill"] != True)]  # noqa: E712
     alignment = align(ref.index, tindex)
+    live = tgt.meta.get("live_reference") is not None and tgt.meta.get("live_reference") == ref.meta.get("run_id")
     rows = []
     for rrow, trow, tensors in _prefetched_pairs(ref, tgt, alignment.pairs):
         rkey, tkey = rrow["key"], trow["key"]
         tol = policy.for_record(tkey, trow["dtype"])
         # memory no op has written yet (aten::empty...) holds the allocator's leftovers on both sides
         uninitialized = rrow.get("uninitialized") is True or trow.get("uninitialized") is True
-        m = {"status": "uninitialized"} if uninitialized else _row_metrics(rrow, trow, tol, tensors)
+        m = {"status": "uninitialized"} if uninitialized else _row_metrics(rrow, trow, tol, tensors, live and rkey == tkey)
         del tensors
         judged = _judge(judge, tkey, trow, tol, tgt) if judge and not uninitialized else {}
         rows.append({

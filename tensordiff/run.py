@@ -50,6 +50,7 @@ class TraceJob:
     timing: bool = False  # per-module time and allocations per side (analysis/cost)
     state_dir: str | None = None  # where an isolated child finds the parent's state (default: out)
     lora_rank: int = 0  # LoRA of this rank on the MoE experts (kt_moe: its SFT kernel; backends/kt_sft)
+    live: bool = True  # compare an in-process target with the kept reference as it runs (live_comparable)
 
     def __post_init__(self):
         # through JSON (the isolated child's copy of the job) a Tolerance arrives as a dict
@@ -119,19 +120,32 @@ def _bundle(job: TraceJob, state_from: Path | None = None):
     return bundle
 
 
-def capture_role(job: TraceJob, role: str, bundle=None, crash_safe: bool = False) -> dict:
-    """Capture one side into OUT/ROLE.h5; returns its timing. Runs in the child for isolated targets."""
+def capture_role(job: TraceJob, role: str, bundle=None, crash_safe: bool = False, kept=None) -> dict:
+    """Capture one side into OUT/ROLE.h5; returns its timing. Runs in the child for isolated targets.
+    ``kept`` (observers/live_compare.KeptReference): the reference keeps its records there, an
+    in-process target is compared with them as it runs."""
     if role == "target" and job.guard:
         from tensordiff import guard as guards
 
         try:
-            return _capture_role(job, role, bundle, crash_safe)
+            return _capture_role(job, role, bundle, crash_safe, kept)
         finally:
             guards.deactivate()  # this job's guard: a later job in the process starts without one
-    return _capture_role(job, role, bundle, crash_safe)
+    return _capture_role(job, role, bundle, crash_safe, kept)
 
 
-def _capture_role(job: TraceJob, role: str, bundle=None, crash_safe: bool = False) -> dict:
+def live_comparable(job: TraceJob) -> bool:
+    """Can the target be compared with the reference while it runs? Both in this process, on one
+    device type, forward at module level with replay (what the deferred replay covers)."""
+    isolated = job.isolate if job.isolate is not None else isolate_by_default(job.target)
+    if not job.live or isolated or job.backward or job.level != "module" or not job.replay or job.guard \
+            or job.judge_fp64:  # the fp64 judge reads every target tensor
+        return False
+    ref, tgt = get_backend(job.reference), get_backend(job.target, job.fault)
+    return torch.device(ref.device).type == torch.device(tgt.device).type
+
+
+def _capture_role(job: TraceJob, role: str, bundle=None, crash_safe: bool = False, kept=None) -> dict:
     bundle = bundle or _bundle(job, state_from=Path(job.state_dir or job.out) if crash_safe else None)
     backend = get_backend(job.reference) if role == "reference" else get_backend(job.target, job.fault)
     guard = None
@@ -161,9 +175,18 @@ def _capture_role(job: TraceJob, role: str, bundle=None, crash_safe: bool = Fals
         timing.update(_time_plain(job, role, model, inputs, bundle))
     status(f"capturing the {role} ({backend.name}{', with replay' if role == 'target' and job.replay else ''})")
     replay = _replay_model(job, bundle.model) if (role == "target" and job.replay) else None
-    result = capture(model, inputs, Path(job.out) / f"{role}.h5", level=job.level, save=job.save,
+    live, save = {}, job.save
+    if kept is not None:
+        live = {"keep": kept} if role == "reference" else {"compare_to": kept, "tolerance": _tolerance(job)}
+        if role == "reference":
+            # its data is written after the target ran, for the records the comparison needs
+            # (add_reference_data): a clean 0.6B run at 2048 tokens wrote 8 GB nobody read
+            save = "stats"
+            meta["save"] = "data added for the records the target's live comparison needed" \
+                if job.save == "full" else job.save
+    result = capture(model, inputs, Path(job.out) / f"{role}.h5", level=job.level, save=save,
                      backward=job.backward, module_filter=job.module_filter, metadata=meta,
-                     replay_model=replay, synchronous=crash_safe, budget=_budget(job), guard=guard)
+                     replay_model=replay, synchronous=crash_safe, budget=_budget(job), guard=guard, **live)
     if backend.info.get("attention_kernel") and role == "target":
         _judge_attention(backend, model, inputs, Path(job.out) / f"{role}.h5")
     if replay is not None and job.save == "full":
@@ -335,6 +358,28 @@ def _budget(job: TraceJob):
     return lambda key, dtype: policy.for_record(key, dtype).rel_l2
 
 
+def add_reference_data(out_dir: Path, kept) -> int:
+    """The reference's data for the records whose target data was saved (the calls beyond
+    tolerance): what the diff's exact metrics and error maps read."""
+    from tensordiff.trace import add_data, open_trace
+
+    target = out_dir / "target.h5"
+    if not target.exists():
+        return 0
+    with open_trace(target) as trace:
+        keys = [row["key"] for row in trace.rows.values() if row["has_data"]]
+    if keys:
+        status(f"saving the reference's data of {len(keys)} records")
+    return add_data(out_dir / "reference.h5", {key: kept.get(key) for key in keys})
+
+
+def _tolerance(job: TraceJob):
+    from tensordiff.diff import tolerance_policy
+
+    policy = tolerance_policy(job.atol, job.rtol, job.rel_l2, job.per_pattern)
+    return policy.for_record
+
+
 def _replay_model(job: TraceJob, model):
     """The fp32 model the target's calls are replayed on, where the reference runs: a CUDA reference
     replays on its GPU (a CPU replay of a 0.6B model at 2048 tokens took 30 s and 21 GB of host
@@ -369,14 +414,14 @@ def _relay_status(child, progress: Path) -> None:
         time.sleep(0.2)
 
 
-def _capture_in_process(job: TraceJob, bundle) -> tuple[dict, dict | None]:
+def _capture_in_process(job: TraceJob, bundle, kept=None) -> tuple[dict, dict | None]:
     """--no-isolate: a Python exception in the target is a crash report too, not a traceback."""
     import traceback
 
     from tensordiff.errors import TensordiffError
 
     try:
-        return capture_role(job, "target", bundle), None
+        return capture_role(job, "target", bundle, kept=kept), None
     except TensordiffError:
         raise
     except Exception as exc:
@@ -433,7 +478,12 @@ def trace_job(job: TraceJob) -> TraceOutcome:
     get_backend(job.reference)
     status(f"building the model ({job.model})")
     bundle = _bundle(job)
-    timing = capture_role(job, "reference", bundle)
+    kept = None
+    if live_comparable(job):
+        from tensordiff.observers.live_compare import KeptReference, default_keep_bytes
+
+        kept = KeptReference(default_keep_bytes(torch.device(get_backend(job.reference).device)))
+    timing = capture_role(job, "reference", bundle, kept=kept)
     crash = None
     if job.isolate if job.isolate is not None else isolate_by_default(job.target):
         state_path, inputs_path = state_file_paths(out_dir)
@@ -447,7 +497,13 @@ def trace_job(job: TraceJob) -> TraceOutcome:
             state_path.unlink(missing_ok=True)
             inputs_path.unlink(missing_ok=True)
     else:
-        target_timing, crash = _capture_in_process(job, bundle)
+        try:
+            target_timing, crash = _capture_in_process(job, bundle, kept)
+            if kept is not None and job.save == "full":
+                add_reference_data(out_dir, kept)
+        finally:
+            if kept is not None:
+                kept.release()
     timing.update(target_timing)
     if crash is not None and not (out_dir / "target.h5").exists():
         from tensordiff.errors import TensordiffError

@@ -67,7 +67,9 @@ def run_metadata(extra: dict | None = None) -> dict:
 
     from tensordiff.version import __version__
 
-    return {"versions": {"tensordiff": __version__, "torch": torch.__version__,
+    import uuid
+
+    return {"run_id": uuid.uuid4().hex, "versions": {"tensordiff": __version__, "torch": torch.__version__,
                          "transformers": transformers.__version__, "python": platform.python_version()},
             "host": platform.node(), "command": " ".join(sys.argv), **(extra or {})}
 
@@ -76,18 +78,34 @@ def capture(model: torch.nn.Module, inputs, path, level: str = "module", save: s
             backward: bool = False, module_filter: str | None = None, metadata: dict | None = None,
             loss_fn=default_loss, compression: str | None = None,
             replay_model: torch.nn.Module | None = None, synchronous: bool = False,
-            budget=None, guard=None) -> CaptureResult:
+            budget=None, guard=None, keep=None, compare_to=None, tolerance=None) -> CaptureResult:
     """Run ``model`` on ``inputs`` once with probes on, writing the trace to ``path``.
 
     With ``replay_model`` (the fp32 CPU reference), every module call (and op, at op level) is also
-    re-run on the reference with the target's own inputs, giving each record its local error."""
+    re-run on the reference with the target's own inputs, giving each record its local error.
+
+    ``keep`` (observers/live_compare.KeptReference): the module records stay in memory for a target
+    captured next in this process. ``compare_to`` (those kept records, with ``replay_model``, forward
+    at module level): each target record is measured against them as it is made; only the calls
+    beyond tolerance are replayed, and with ``save="full"`` only their records keep data
+    (``tolerance(key, dtype name) -> Tolerance``: the diff's policy)."""
     if level not in LEVELS:
         raise TensordiffError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}")
     if save not in SAVES:
         raise TensordiffError(f"unknown save mode {save!r}; choose one of {', '.join(SAVES)}")
     inputs = _as_inputs(inputs)
+    live = None
+    if compare_to is not None and replay_model is not None and not backward and level == "module":
+        from tensordiff.observers.live_compare import LiveCompare
+
+        live = LiveCompare(compare_to, tolerance)
     meta = run_metadata({"level": level, "save": save, "backward": backward, "filter": module_filter,
                          **(metadata or {})})
+    if keep is not None:
+        meta["run_id"] = keep.run_id
+    if live is not None:
+        meta["live_reference"] = compare_to.run_id
+        meta["save"] = "full where beyond tolerance" if save == "full" else save
     if backward:
         quiet_backward_hook_warnings()
     with TraceWriter(path, meta, compression=compression, synchronous=synchronous) as writer:
@@ -96,8 +114,9 @@ def capture(model: torch.nn.Module, inputs, path, level: str = "module", save: s
         replayer = None
         if replay_model is not None:
             replayer = Replayer(replay_model, device=_device_of(replay_model), **({"budget": budget} if budget else {}))
-        session = CaptureSession(writer, save_data=(save == "full"), module_filter=module_filter,
-                                 replayer=replayer, fast_gpu_stats=(level == "module"))
+        session = CaptureSession(writer, save_data=(save == "full" and live is None), module_filter=module_filter,
+                                 replayer=replayer, fast_gpu_stats=(level == "module"), keep=keep, live=live)
+        session.save_beyond = live is not None and save == "full"
         with contextlib.ExitStack() as stack:
             probe = stack.enter_context(ModuleProbe(model, session, backward=backward,
                                                     drill_down=(level == "module")))
@@ -121,6 +140,8 @@ def capture(model: torch.nn.Module, inputs, path, level: str = "module", save: s
             from tensordiff.guard import summary_lines
 
             writer.set_metadata(guard={"summary": summary_lines(guard.findings), "findings": guard.summary()})
+        if probe.live_summary is not None:
+            writer.set_metadata(live=probe.live_summary)
         writer.set_metadata(traced_seconds=seconds, replay=replayer is not None, drill_down=probe.drilled,
                             replay_failures=dict(list(replayer.failures.items())[:50]) if replayer else {})
     _release_pinned_host_memory()

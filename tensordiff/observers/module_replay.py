@@ -172,3 +172,147 @@ class ModuleReplay:
         if low is not None:
             extra["local_floor_rel_l2"] = (self.session.quietly(local_error, low, ref) or (None,))[0]
         return extra
+
+
+class LoggedCall:
+    """One finished module call of a deferred replay: what its replay needs, held until settle()."""
+    __slots__ = ("name", "scope", "wanted", "args", "kwargs", "versions", "output", "named", "children",
+                 "forward", "beyond", "own_fault", "below")
+
+    def __init__(self, name, scope, wanted, args, kwargs, versions, output, named, children, forward):
+        self.name, self.scope, self.wanted = name, scope, wanted
+        self.args, self.kwargs, self.versions = args, kwargs, versions
+        self.output, self.named, self.children, self.forward = output, named, children, forward
+        self.beyond = self.own_fault = self.below = False
+
+
+def flat_versions(args, kwargs) -> list:
+    """Version counters of the tensors among a call's arguments (top level and one level down)."""
+    out = []
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, torch.Tensor):
+            out.append(_version_of(v))
+        elif isinstance(v, (tuple, list)):
+            out.extend(_version_of(x) for x in v if isinstance(x, torch.Tensor))
+    return out
+
+
+def _version_of(t: torch.Tensor):
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+class DeferredReplay(ModuleReplay):
+    """Replay decided after the forward: every call is logged (its inputs and outputs held, nothing
+    copied or run), each record measured against the reference's as it is made
+    (``observers/live_compare``); ``settle()`` reads the measurements once and replays only the calls
+    whose first float output is beyond tolerance, children answering from the target's own outputs as
+    in the eager replay. A clean forward replays nothing. Forward only (a backward replay needs the
+    forward's reference inputs, which the eager ModuleReplay keeps)."""
+
+    def __init__(self, session, kernels: set, live):
+        super().__init__(session, kernels, backward=False)
+        self.live = live
+        self.log: list[LoggedCall] = []
+        self._open: list = []
+        self.metrics: dict = {}
+        self.replayed = 0
+
+    def on_enter(self, name: str, wanted: bool, args, kwargs, forward=None) -> None:
+        self._children.append([])
+        self._open.append((args, kwargs, flat_versions(args, kwargs) if wanted else None, forward))
+
+    def on_leave(self, name: str, scope: str, wanted: bool, output, failed: bool,
+                 named_outputs: list | None = None) -> tuple[dict, bool, tuple | None]:
+        children = self._children.pop() if self._children else []
+        args, kwargs, versions, forward = self._open.pop() if self._open else ((), {}, None, None)
+        if failed:
+            return {}, False, None
+        call = LoggedCall(name, scope, wanted, args, kwargs, versions, output, named_outputs, children, forward)
+        if self._children:
+            self._children[-1].append(call)
+        self.log.append(call)
+        return {}, False, None
+
+    def settle(self, amend) -> list[LoggedCall]:
+        """Replay the calls beyond tolerance; ``amend(key, fields, tensor or None)`` for every record
+        measured (its live metrics, its local error, its data where the call is replayed). Returns
+        the logged calls in the order they finished, each with ``beyond`` / ``own_fault``."""
+        session, live = self.session, self.live
+        metrics = self.metrics = live.results()
+        budget = self.replayer.budget
+        replayed = 0
+        for call in self.log:
+            if not call.wanted or call.named is None:
+                continue
+            first = next(((slot, t) for slot, t in call.named if t.is_floating_point()), None)
+            if first is None:
+                continue
+            # beyond when any float output is (a router's top-k weights may flip while its logits agree)
+            for slot, t in call.named:
+                if t.is_floating_point():
+                    key = f"{call.scope}/{slot}"
+                    m = metrics.get(key)
+                    if m is None or m["nonfinite_mismatch"] > 0 or m["rel_l2"] > budget(key, t):
+                        call.beyond = True
+                        break
+            if not call.beyond:
+                continue
+            extras = session.quietly(self._replay_logged, call)
+            replayed += 1
+            for slot, t in call.named:
+                key = f"{call.scope}/{slot}"
+                extra = extras.get(slot)
+                if extra:
+                    amend(key, extra, None)
+                    if slot == first[0] and t.is_floating_point():
+                        call.own_fault = local_beyond(extra["local_rel_l2"], extra.get("local_floor_rel_l2"),
+                                                      budget(key, t))
+        self.replayed = replayed
+        self._mark_below()
+        return self.log
+
+    def _mark_below(self) -> None:
+        def below(call) -> bool:
+            found = False
+            for child in call.children:
+                found |= below(child) or child.own_fault
+            call.below = found
+            return found
+
+        for call in self.log:
+            if call.children and not call.below:
+                below(call)
+
+    def _replay_logged(self, call: LoggedCall) -> dict:
+        """slot -> local-error extra of one logged call, replayed now on its held inputs."""
+        if call.versions != flat_versions(call.args, call.kwargs):
+            self.replayer.failures.setdefault(call.name, "its inputs changed in place before the replay")
+            return {}
+        to_ref = self.replayer.to_reference
+        ref_inputs = (to_ref((call.args, call.kwargs)), dtypes_of((call.args, call.kwargs)))
+        children = [self._child_answer(c) for c in call.children]
+        ref_out, feed = self.replayer.run_call(call.name, ref_inputs[0], children)
+        if ref_out is None:
+            return {}
+        replayed = dict(flatten_tensors(_outputs(ref_out), "output"))
+        extras = {}
+        for slot, t in call.named:
+            if slot in replayed:
+                extra = self._local_error(call.name, f"{call.scope}/{slot}", slot, t, replayed[slot], ref_inputs,
+                                          children, feed)
+                if extra:
+                    extras[slot] = extra
+        return extras
+
+    def _child_answer(self, child: LoggedCall):
+        from tensordiff.probes.own_code import ChildCall
+
+        to_ref = self.replayer.to_reference
+        inputs = to_ref((child.args, child.kwargs)) if child.versions is not None else None
+        return ChildCall(child.name, inputs, to_ref(child.output), dtypes_of(child.output))
+
+    def release(self) -> None:
+        self.log.clear()

@@ -191,3 +191,99 @@ extern "C" int td_stats_launch(const void* x, long long n, int dtype, long long 
     default: return -1;
   }
 }
+
+// ---- One target tensor against the reference's, in one launch (observers/live_compare.py) --------
+// Row `row` of a pair buffer: double[cap, 5] {sum d^2, sum r^2, sum t^2, sum r*t, sum |d|} over the
+// elements finite on both sides, then uint64[cap] non-finite mismatches (NaN or Inf on one side only,
+// or unequal infinities), then float[cap] max |d| (atomics on non-negative floats as ints).
+namespace {
+
+template <typename T, typename R>
+__global__ void pair_kernel(const T* t, const R* r, long long n, double* sums, unsigned long long* bad,
+                            float* maxabs) {
+  float sd = 0.f, sr = 0.f, st = 0.f, dot = 0.f, sa = 0.f, mx = 0.f;
+  unsigned int nb = 0;
+  long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long i = tid; i < n; i += stride) {
+    float a = load_f(t, i), b = load_f(r, i);
+    if (isfinite(a) && isfinite(b)) {
+      float d = a - b;
+      sd += d * d; sr += b * b; st += a * a; dot += a * b; sa += fabsf(d); mx = fmaxf(mx, fabsf(d));
+    } else if (!(isnan(a) && isnan(b)) && !(a == b)) {
+      nb++;
+    }
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+    sd += __shfl_down_sync(0xffffffff, sd, off);
+    sr += __shfl_down_sync(0xffffffff, sr, off);
+    st += __shfl_down_sync(0xffffffff, st, off);
+    dot += __shfl_down_sync(0xffffffff, dot, off);
+    sa += __shfl_down_sync(0xffffffff, sa, off);
+    mx = fmaxf(mx, __shfl_down_sync(0xffffffff, mx, off));
+    nb += __shfl_down_sync(0xffffffff, nb, off);
+  }
+  __shared__ float f_sh[kThreads / 32][6];
+  __shared__ unsigned int u_sh[kThreads / 32];
+  int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    f_sh[warp][0] = sd; f_sh[warp][1] = sr; f_sh[warp][2] = st; f_sh[warp][3] = dot; f_sh[warp][4] = sa;
+    f_sh[warp][5] = mx; u_sh[warp] = nb;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double acc[5] = {0, 0, 0, 0, 0};
+    unsigned long long cb = 0;
+    for (int w = 0; w < kThreads / 32; ++w) {
+      for (int k = 0; k < 5; ++k) acc[k] += f_sh[w][k];
+      mx = fmaxf(mx, f_sh[w][5]);
+      cb += u_sh[w];
+    }
+    for (int k = 0; k < 5; ++k) atomicAdd(sums + k, acc[k]);
+    if (cb) atomicAdd(bad, cb);
+    atomicMax((int*)maxabs, __float_as_int(mx));
+  }
+}
+
+template <typename T, typename R>
+int launch_pair(const void* t, const void* r, long long n, double* sums, unsigned long long* bad, float* mx,
+                cudaStream_t stream, int max_blocks) {
+  long long blocks = (n + kThreads * 32 - 1) / (kThreads * 32);
+  if (blocks > max_blocks) blocks = max_blocks;
+  pair_kernel<T, R><<<(unsigned)blocks, kThreads, 0, stream>>>((const T*)t, (const R*)r, n, sums, bad, mx);
+  return (int)cudaGetLastError();
+}
+
+template <typename T>
+int launch_pair_ref(const void* t, const void* r, int ref_dtype, long long n, double* sums,
+                    unsigned long long* bad, float* mx, cudaStream_t stream, int max_blocks) {
+  switch (ref_dtype) {
+    case 0: return launch_pair<T, float>(t, r, n, sums, bad, mx, stream, max_blocks);
+    case 1: return launch_pair<T, __half>(t, r, n, sums, bad, mx, stream, max_blocks);
+    case 2: return launch_pair<T, __nv_bfloat16>(t, r, n, sums, bad, mx, stream, max_blocks);
+    case 3: return launch_pair<T, double>(t, r, n, sums, bad, mx, stream, max_blocks);
+    default: return -1;
+  }
+}
+
+}  // namespace
+
+// Buffer of `capacity` rows laid out as above (52 bytes per row). dtypes as td_stats_launch.
+extern "C" int td_pair_launch(const void* t, int dtype, const void* r, int ref_dtype, long long n, long long row,
+                              char* buffer, long long capacity, void* stream) {
+  if (n <= 0) return 0;
+  double* sums = (double*)buffer + 5 * row;
+  unsigned long long* bad = (unsigned long long*)(buffer + capacity * 5 * sizeof(double)) + row;
+  float* mx = (float*)(buffer + capacity * 6 * sizeof(double)) + row;
+  int dev = -1;
+  if (cudaGetDevice(&dev) != cudaSuccess) dev = -1;
+  int max_blocks = max_blocks_of(dev);
+  cudaStream_t st = (cudaStream_t)stream;
+  switch (dtype) {
+    case 0: return launch_pair_ref<float>(t, r, ref_dtype, n, sums, bad, mx, st, max_blocks);
+    case 1: return launch_pair_ref<__half>(t, r, ref_dtype, n, sums, bad, mx, st, max_blocks);
+    case 2: return launch_pair_ref<__nv_bfloat16>(t, r, ref_dtype, n, sums, bad, mx, st, max_blocks);
+    case 3: return launch_pair_ref<double>(t, r, ref_dtype, n, sums, bad, mx, st, max_blocks);
+    default: return -1;
+  }
+}

@@ -106,9 +106,27 @@ def _cuda_library():
                        ctypes.c_longlong, ctypes.c_void_p]
         fn.restype = ctypes.c_int
         fn.variant = cudart
+        pair = lib.td_pair_launch  # observers/live_compare.py: a target tensor against the reference's
+        pair.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong,
+                         ctypes.c_longlong, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_void_p]
+        pair.restype = ctypes.c_int
+        fn.pair = pair
         _lib[0] = fn
         return fn
     return None
+
+
+def pair_launcher():
+    """td_pair_launch of the nvcc-built library, or None (no nvcc, no GPU)."""
+    lib = _cuda_library()
+    return getattr(lib, "pair", None)
+
+
+def raw_stream(device_index: int) -> int:
+    return _raw_stream(device_index)
+
+
+CUDA_DTYPES = _CUDA_DTYPES
 
 
 def available() -> bool:

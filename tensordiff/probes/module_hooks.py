@@ -75,6 +75,10 @@ class ModuleProbe:
         self._frames: list = []         # per open call: inputs and whether a descendant was beyond
         self.replay = None  # observers/module_replay.ModuleReplay when the session replays (set on enter)
         self.drilled: dict | None = None
+        self.live_summary: dict | None = None  # deferred replay: what settle() measured, replayed, saved
+        # the fast path may record a call's whole args / output at once, unless each tensor must also
+        # be seen here (kept for a live comparison, or measured against the kept records)
+        self._whole_objects = session.keep is None and session.live is None
         self._handles = []
         self._wrapped: list = []        # (module, its own instance-level forward or None)
         self._open_calls: list = []     # hook path: the state of each open call
@@ -91,7 +95,13 @@ class ModuleProbe:
 
             kernels = {raw or ROOT for raw, mod in self.model.named_modules()
                        if getattr(mod, "tensordiff_kernel", None)}  # modules an external kernel computes
-            self.replay = ModuleReplay(self.session, kernels, self.backward)
+            if self.session.live is not None and not self.backward:
+                from tensordiff.observers.module_replay import DeferredReplay
+
+                # the reference's records are at hand: replay only what is beyond, after the forward
+                self.replay = DeferredReplay(self.session, kernels, self.session.live)
+            else:
+                self.replay = ModuleReplay(self.session, kernels, self.backward)
         for raw_name, mod in self.model.named_modules():
             name = raw_name or ROOT
             wanted = self.session.wants_module(name)
@@ -127,9 +137,11 @@ class ModuleProbe:
             scope = f"{name}/forward#{call}"
             session.scopes.append((name, scope))
             return call, False, scope
-        if self.replay is not None:
+        if self.deferred:
+            self.replay.on_enter(name, wanted, args, kwargs, forward)
+        elif self.replay is not None:
             self.replay.on_enter(name, wanted, args, kwargs)
-        if self._keep_frames:
+        if self._keep_frames and not self.deferred:
             # version counters only where a drill-down may re-run the call (they cost a tree walk)
             self._frames.append({"forward": forward, "args": args, "kwargs": kwargs, "below": False,
                                  "versions": _versions((args, kwargs)) if self.drill_down else None})
@@ -144,7 +156,7 @@ class ModuleProbe:
             session.progress(scope)
         if wanted:
             src = user_source_line(start=3)  # past _enter and the wrapper (or hook): torch's __call__
-            if fast is not None:
+            if fast is not None and self._whole_objects:
                 fast.record(args, name, "forward", call, "input", src, False)
                 if kwargs:
                     fast.record(kwargs, name, "forward", call, "input", src, False)
@@ -173,8 +185,13 @@ class ModuleProbe:
             session.progress(f"{session.current_scope()[1]} (after {scope})")
         own_fault = False
         if failed and session.error is None:  # the innermost call the exception leaves
-            self._locate_error(name, scope, self._frames[-1] if self._frames else None)
-        if wanted and not failed and fast is not None:
+            frame = self.replay._open[-1] if self.deferred and self.replay._open else None
+            if frame is not None:
+                frame = {"forward": frame[3], "args": frame[0], "kwargs": frame[1]}
+            elif self._frames and not self.deferred:
+                frame = self._frames[-1]
+            self._locate_error(name, scope, frame)
+        if wanted and not failed and fast is not None and self._whole_objects and self.replay is None:
             fast.record(output, name, "forward", call, "output", "", True)
         elif wanted and not failed and isinstance(output, torch.Tensor) and self.replay is None:  # the common case
             session.emit_module(name, "forward", call, "output.0", "", output)
@@ -184,10 +201,63 @@ class ModuleProbe:
                 if self.replay is not None else ({}, False, None)
             for slot, t in named or ():
                 session.emit_module(name, "forward", call, slot, "", t, extras.get(slot))
-        if self._keep_frames:
+        if self._keep_frames and not self.deferred:
             self._after_call(name, scope, own_fault)
         if is_root:
+            if self.deferred:
+                self._settle(drill=not failed)
             session.end_of_forward()  # no stats wait past a root forward; what came before an error lands
+
+    @property
+    def deferred(self) -> bool:
+        return self.replay is not None and hasattr(self.replay, "settle")
+
+    def _settle(self, drill: bool) -> None:
+        """After a deferred-replay forward: the live measurements read once, the calls beyond
+        tolerance replayed, every measured record amended (live metrics, local error, and the data of
+        the replayed calls' records unless the capture keeps stats only), then the drill-down."""
+        from tensordiff.observers.live_compare import live_fields
+        from tensordiff.probes.snapshot import Snapshot, read_back, tensor_layout
+
+        session, live = self.session, self.session.live
+        amends: dict = {}
+
+        def amend(key, fields, tensor):
+            entry = amends.setdefault(key, [{}, None])
+            entry[0].update(fields)
+            if tensor is not None:
+                entry[1] = tensor
+
+        calls = self.replay.settle(amend)
+        for key, m in self.replay.metrics.items():
+            amend(key, live_fields(m), None)
+        if session.save_beyond:
+            prefixes = tuple(f"{c.scope}/" for c in calls if c.beyond)
+            for key in live.tensors:
+                if key.startswith(prefixes):
+                    t = live.tensor(key)
+                    if t is not None:
+                        amend(key, {}, t)
+        session.flush_stats()
+        session.writer.amend_many([
+            (key, fields, session.quietly(lambda t: Snapshot(tensor_layout(t), None, read_back(t), True), tensor)
+             if tensor is not None else None) for key, (fields, tensor) in amends.items()])
+        self.live_summary = {"records_measured": len(self.replay.metrics), "calls_replayed": self.replay.replayed,
+                             "records_saved": sum(1 for _, t in amends.values() if t is not None),
+                             "records_not_kept": live.not_kept}
+        if drill and self.drill_down and self.drilled is None:
+            first = next((c for c in calls if c.own_fault and not c.below and c.forward is not None), None)
+            if first is not None:
+                from tensordiff.observers.module_replay import flat_versions
+
+                if flat_versions(first.args, first.kwargs) != first.versions:
+                    self.drilled = {"scope": first.scope, "ran": False, "why": "the call changed its inputs in place"}
+                else:
+                    frame = {"forward": first.forward, "args": first.args, "kwargs": first.kwargs,
+                             "versions": _versions((first.args, first.kwargs))}
+                    self.drilled = self._drill(first.name, first.scope, frame)
+        self.replay.release()
+        live.release()
 
     def _after_call(self, name: str, scope: str, beyond: bool) -> None:
         """Pop the call's frame; drill into the first call beyond whose descendants are all within."""
@@ -244,7 +314,7 @@ class ModuleProbe:
 
     def _wrap(self, name: str, wanted: bool, forward):
         session = self.session
-        if session.fast is not None:  # fast GPU stats: maybe the whole wrapper in native code
+        if session.fast is not None and self._whole_objects:  # fast GPU stats: maybe the whole wrapper in native code
             probed = session.fast.wrap(forward, name, wanted, session.begin_forward, session.end_of_forward,
                                        self._emit_other, is_skipped_file)
             if probed is not None:

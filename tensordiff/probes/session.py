@@ -50,8 +50,13 @@ class CaptureSession:
     """Names records, keeps the module scope stack and sends snapshots to the trace writer."""
 
     def __init__(self, writer, save_data: bool = True, module_filter: str | None = None, replayer=None,
-                 fast_gpu_stats: bool = False):
+                 fast_gpu_stats: bool = False, keep=None, live=None):
         self.writer = writer
+        # observers/live_compare: the reference's capture keeps its module records (``keep``); an
+        # in-process target's measures each of its records against them as it is made (``live``)
+        self.keep = keep
+        self.live = live
+        self.save_beyond = False  # live: save the data of the records of calls beyond tolerance
         self.replayer = replayer               # probes/replay.Replayer: local errors, or None
         self.save_data = save_data
         self._filter = re.compile(module_filter) if module_filter else None
@@ -80,7 +85,8 @@ class CaptureSession:
         # one interface): CUDA tensors' stats go into one fused kernel launch each, their index rows
         # into blocks handed to the writer whole.
         self.fast = None
-        if fast_gpu_stats and not save_data and replayer is None and self.batcher is not None \
+        # (a live target's deferred replay runs after the forward: its records may take this path too)
+        if fast_gpu_stats and not save_data and (replayer is None or live is not None) and self.batcher is not None \
                 and torch.cuda.is_available():
             self.fast = fast_module_stats.choose(writer, self.emit_general)
         # Crash breadcrumbs: "about to run X" lines written straight to a file descriptor (no Python
@@ -151,6 +157,12 @@ class CaptureSession:
                     extra: dict | None = None) -> None:
         """One module record. CUDA tensors in fast mode cost a few microseconds here (see
         fast_module_stats); the writer thread builds the index row later."""
+        if self.keep is not None or self.live is not None:
+            key = f"{module}/{direction}#{call}/{slot}"
+            if self.keep is not None:
+                self.keep.keep(key, t)
+            if self.live is not None and direction == "forward":
+                self.quietly(self.live.add, key, t)
         if self.fast is not None:
             if t.is_cuda and extra is None:
                 self.fast.emit(module, direction, call, slot, source, t)
