@@ -22,6 +22,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--fault-layer", type=int, default=None,
+                    help="scale that layer's MLP activation by 1.3 in the target (a bug: every call after it diverges)")
     a = ap.parse_args()
     import torch
 
@@ -33,6 +35,12 @@ def main() -> None:
     bundle = load_model("qwen", size=a.size, seq_len=a.seq_len, device=a.device)
     reference = bundle.model.to(a.device).eval()
     target = cast_like_deployment(copy.deepcopy(reference), torch.bfloat16).to(a.device)
+    if a.fault_layer is not None:
+        class Scaled(torch.nn.Module):
+            def forward(self, x):
+                return torch.nn.functional.silu(x) * 1.3
+
+        target.model.layers[a.fault_layer].mlp.act_fn = Scaled()
     inputs = {k: v.to(a.device) for k, v in bundle.inputs.kwargs.items()}
     with tempfile.TemporaryDirectory() as d:
         kept = KeptReference(default_keep_bytes(torch.device(a.device)))
@@ -53,6 +61,10 @@ def main() -> None:
 
         with open_trace(f"{d}/t1.h5") as t:
             print("live:", t.meta.get("live"))
+        eager = []
+        for i in range(2):  # the old path, side by side: every call replayed, every tensor saved
+            eager.append(capture(target, inputs, f"{d}/e{i}.h5", save="full", replay_model=reference).seconds)
+        print(f"eager replay capture (--no-live), warm: {eager[-1] * 1e3:.1f} ms")
         if a.profile:
             prof = cProfile.Profile()
             prof.enable()
