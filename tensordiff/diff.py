@@ -261,6 +261,7 @@ def diff(reference, target, atol: float | None = None, rtol: float | None = None
         raise TensordiffError(f"no record of {tgt.path} matches a record of {ref.path}: "
                               "were they captured from the same model?")
     localize(result, ref, tgt)
+    result.notes += live_notes(tgt.meta, ref.meta)
     result.notes += drill_notes(tgt.meta.get("drill_down"), result.culprit)
     result.notes += kernel_notes(tgt.index, tgt.meta.get("backend") or {}, policy)
     result.notes += (tgt.meta.get("attention_rule") or {}).get("lines") or []
@@ -346,6 +347,23 @@ def expert_probe_notes(probes: dict, culprit: dict | None) -> list[str]:
             culprit["experts"] = probe["beyond"]
             culprit["why"] = culprit.get("why", "") + f"; per expert: {probe['text']}"
     return notes
+
+
+def live_notes(tgt_meta: dict, ref_meta: dict) -> list[str]:
+    """Say how the target was compared when it was measured against the reference as it ran."""
+    live = tgt_meta.get("live")
+    if not live:
+        return []
+    if tgt_meta.get("live_reference") != ref_meta.get("run_id"):
+        return ["the target was measured live against another reference trace: records it saved without "
+                "data are compared from stats here (lower bounds)"]
+    text = (f"live comparison: {live['records_measured']} records measured against the reference as the "
+            f"target ran; {live['calls_replayed']} call(s) beyond tolerance replayed, {live['records_saved']} "
+            "record(s) saved with data (--no-live replays every call and saves every tensor)")
+    if live.get("records_not_kept"):
+        text += (f"; {live['records_not_kept']} record(s) without a kept reference (changed in place after "
+                 "they were recorded, or past the memory share) compared from stats where no data was saved")
+    return [text]
 
 
 def drill_notes(drill: dict | None, culprit: dict | None) -> list[str]:

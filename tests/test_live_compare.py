@@ -219,3 +219,25 @@ def test_gpu_live_localizes_like_the_eager_replay(tmp_path):
     assert clean.verdict == "match"
     with open_trace(tmp_path / "clean" / "target.h5") as target:
         assert target.meta["live"]["calls_replayed"] == 0 and not target.index["has_data"].any()
+
+
+def test_live_with_outputs_changed_in_place(tmp_path):
+    """The parent scales a child's output in place: the reference's record is not kept (its value is
+    gone), so that call is replayed and saved as before; a clean target raises nothing, a bug after
+    it is still named."""
+    from pathlib import Path
+
+    from tensordiff.models import _from_file
+
+    plugins = Path(__file__).parent / "plugins"
+    model = f"{plugins}/inplace_model.py:make"
+    register("test-live-inplace-bad", _from_file(f"{plugins}/inplace_model.py:bad_last_out"))
+    register("test-live-inplace-clean", lambda m: m)
+    clean = trace_job(TraceJob(model=model, target="test-live-inplace-clean", out=str(tmp_path / "c"),
+                               time_plain=False)).result
+    assert clean.verdict == "match" and clean.culprit is None
+    with open_trace(tmp_path / "c" / "target.h5") as target:
+        assert target.meta["live"]["records_not_kept"] >= 3  # each block's proj output
+    bad = trace_job(TraceJob(model=model, target="test-live-inplace-bad", out=str(tmp_path / "b"),
+                             time_plain=False)).result
+    assert bad.verdict == "diverged" and bad.culprit["module"] == "blocks.2.out"

@@ -176,14 +176,21 @@ class ModuleReplay:
 
 class LoggedCall:
     """One finished module call of a deferred replay: what its replay needs, held until settle()."""
-    __slots__ = ("name", "scope", "wanted", "args", "kwargs", "versions", "output", "named", "children",
-                 "forward", "beyond", "own_fault", "below")
+    __slots__ = ("name", "scope", "wanted", "args", "kwargs", "versions", "output", "named", "out_versions",
+                 "children", "forward", "beyond", "own_fault", "below")
 
     def __init__(self, name, scope, wanted, args, kwargs, versions, output, named, children, forward):
         self.name, self.scope, self.wanted = name, scope, wanted
         self.args, self.kwargs, self.versions = args, kwargs, versions
         self.output, self.named, self.children, self.forward = output, named, children, forward
+        # what the call returned may be changed in place later (a parent scaling it): judged only
+        # while unchanged
+        self.out_versions = [_version_of(t) for _, t in named] if named else []
         self.beyond = self.own_fault = self.below = False
+
+    def output_unchanged(self, i: int) -> bool:
+        v = self.out_versions[i] if i < len(self.out_versions) else None
+        return v is not None and _version_of(self.named[i][1]) == v
 
 
 def flat_versions(args, kwargs) -> list:
@@ -293,13 +300,20 @@ class DeferredReplay(ModuleReplay):
             return {}
         to_ref = self.replayer.to_reference
         ref_inputs = (to_ref((call.args, call.kwargs)), dtypes_of((call.args, call.kwargs)))
-        children = [self._child_answer(c) for c in call.children]
+        # a child whose output changed in place since cannot answer with what it returned: the call
+        # is replayed in full then (its descendants' rounding included)
+        changed = any(not c.output_unchanged(i) for c in call.children for i in range(len(c.named or ())))
+        children = None if changed else [self._child_answer(c) for c in call.children]
         ref_out, feed = self.replayer.run_call(call.name, ref_inputs[0], children)
         if ref_out is None:
             return {}
         replayed = dict(flatten_tensors(_outputs(ref_out), "output"))
         extras = {}
-        for slot, t in call.named:
+        for i, (slot, t) in enumerate(call.named):
+            if not call.output_unchanged(i):
+                self.replayer.failures.setdefault(f"{call.name} ({slot})",
+                                                  "its output changed in place after the call: no local error")
+                continue
             if slot in replayed:
                 extra = self._local_error(call.name, f"{call.scope}/{slot}", slot, t, replayed[slot], ref_inputs,
                                           children, feed)

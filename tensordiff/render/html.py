@@ -128,7 +128,8 @@ def render_html(result) -> str:
             "<h2>Relative L2 error per record, execution order</h2>", _chart(result),
             _axis_charts(result.culprit, "Culprit"), _axis_charts(result.first_divergence, "First divergence")]
     if rows:
-        body += ["<h2>Error per module</h2><p>local = the module's own error on the target's inputs; "
+        body += ["<h2>Error per module</h2><p>local = the module's own error on the target's inputs (- where "
+                 "the call was not replayed: measured live, its output was within tolerance); "
                  "amplification = output / input error. Click a header to sort.</p>",
                  _table(MODULE_COLUMNS, rows, [r[-1] for r in rows])]
     back = module_rows(result, limit=5000, direction="backward")

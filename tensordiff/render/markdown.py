@@ -97,7 +97,8 @@ def render_markdown(result) -> str:
     if rows:
         out += ["## Error per module (execution order)", "",
                 "Errors are relative L2 (||t - r|| / ||r||). *local* = the module's own error on the target's "
-                "inputs; *amplification* = output / input error.", "",
+                "inputs (- where the call was not replayed: measured live, its output was within tolerance); "
+                "*amplification* = output / input error.", "",
                 "| " + " | ".join(MODULE_COLUMNS) + " |", "|" + "---|" * len(MODULE_COLUMNS)]
         out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     back = module_rows(result, direction="backward")
