@@ -360,6 +360,10 @@ def live_notes(tgt_meta: dict, ref_meta: dict) -> list[str]:
     text = (f"live comparison: {live['records_measured']} records measured against the reference as the "
             f"target ran; {live['calls_replayed']} call(s) beyond tolerance replayed, {live['records_saved']} "
             "record(s) saved with data (--no-live replays every call and saves every tensor)")
+    if live.get("beyond_not_replayed_count"):
+        text += (f"; {live['beyond_not_replayed_count']} call(s) beyond tolerance came after the memory share for "
+                 f"held tensors was used up and were not replayed (first: {live['beyond_not_replayed'][0]}): "
+                 "run with --no-live to replay every call")
     if live.get("records_not_kept"):
         text += (f"; {live['records_not_kept']} record(s) without a kept reference (changed in place after "
                  "they were recorded, or past the memory share) compared from stats where no data was saved")

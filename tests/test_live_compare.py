@@ -241,3 +241,16 @@ def test_live_with_outputs_changed_in_place(tmp_path):
     bad = trace_job(TraceJob(model=model, target="test-live-inplace-bad", out=str(tmp_path / "b"),
                              time_plain=False)).result
     assert bad.verdict == "diverged" and bad.culprit["module"] == "blocks.2.out"
+
+
+def test_live_past_the_memory_share_says_so(tmp_path, monkeypatch):
+    """Held target tensors are capped: calls past the cap are measured but not replayed, and a
+    divergence among them is reported with the advice to run --no-live, never silently dropped."""
+    monkeypatch.setattr(LiveCompare, "HOLD_BYTES", 600_000)  # about the first layer of the tiny Qwen3
+    res = trace_job(_job(tmp_path, "capped", target="test-live-bad-act")).result
+    assert res.verdict == "diverged"
+    with open_trace(tmp_path / "capped" / "target.h5") as target:
+        live = target.meta["live"]
+    assert live["records_not_held"] > 50 and live["beyond_not_replayed_count"] >= 1
+    assert any("--no-live" in n and "memory share" in n for n in res.notes)
+    assert res.first_divergence["module"].startswith("model.layers.3.mlp")

@@ -125,11 +125,25 @@ class LiveCompare:
     counts use it)."""
 
     CAPACITY = 4096
+    HOLD_BYTES: int | None = None  # overrides the default share of memory held (tests)
 
-    def __init__(self, kept: KeptReference, tolerance=None):
+    def __init__(self, kept: KeptReference, tolerance=None, hold_bytes: int | None = None):
         from tensordiff.probes import fused_stats
 
         self.kept = kept
+        # What the target's records may keep alive until the forward ends (for the replay and the data
+        # of calls beyond tolerance): past it, records are still measured but not held, and a call
+        # beyond tolerance among them is reported instead of replayed (--no-live replays it).
+        if hold_bytes is None:
+            hold_bytes = self.HOLD_BYTES
+        if hold_bytes is None:
+            hold_bytes = default_keep_bytes(kept.device) // 2 if kept.device is not None else 1 << 30
+        self.hold_bytes = hold_bytes
+        self.held_bytes = 0
+        self._held_storages: set = set()
+        self.not_held = 0  # records measured but not held
+        self._dtypes: dict = {}    # key -> the target's dtype name
+        self._by_scope: dict = {}  # call scope -> its measured keys
         self.tolerance = tolerance or (lambda key, dtype: tolerance_for(dtype))
         self.tensors: dict = {}   # key -> (target tensor, version): for a later full save
         self._done: dict = {}     # key -> metrics (host) or (buffer, row) (GPU)
@@ -145,7 +159,12 @@ class LiveCompare:
         if ref is None or ref.shape != t.shape or ref.device != t.device:
             self.not_kept += 1
             return
-        self.tensors[key] = (t, _version(t))
+        self._dtypes[key] = str(t.dtype).replace("torch.", "")
+        self._by_scope.setdefault(key.rsplit("/", 1)[0], []).append(key)
+        if self.hold(t):
+            self.tensors[key] = (t, _version(t))
+        else:
+            self.not_held += 1
         same = self._by_tensor.get((id(t), id(ref)))
         if same is not None and same[1] == _version(t):  # the same pair measured under another key
             self._done[key] = self._done[same[0]]
@@ -158,6 +177,33 @@ class LiveCompare:
         else:
             tol = self.tolerance(key, str(t.dtype).replace("torch.", ""))
             self._done[key] = compare(ref.detach(), t.detach(), tol)
+
+    def keys_of(self, scope: str) -> list:
+        return self._by_scope.get(scope, [])
+
+    def beyond(self, key: str, m: dict | None, budget) -> bool:
+        """Is a measured record beyond tolerance? (``budget(key, dtype name)``: the rel L2 budget)."""
+        if m is None or m.get("status") != "ok":
+            return False
+        return m["nonfinite_mismatch"] > 0 or m["rel_l2"] > budget(key, self._dtypes.get(key, "float32"))
+
+    def hold(self, t: torch.Tensor) -> bool:
+        """May ``t`` be kept alive until the forward ends? Counts its storage once."""
+        if t.layout != torch.strided:
+            return True
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in self._held_storages:
+            return True
+        if self.held_bytes + storage.nbytes() > self.hold_bytes:
+            return False
+        self._held_storages.add(ptr)
+        self.held_bytes += storage.nbytes()
+        return True
+
+    @property
+    def holding(self) -> bool:
+        return self.held_bytes < self.hold_bytes
 
     def _launch(self, t: torch.Tensor, ref: torch.Tensor):
         from tensordiff.probes import fused_stats
@@ -202,6 +248,9 @@ class LiveCompare:
     def release(self) -> None:
         self.tensors.clear()
         self._by_tensor.clear()
+        self._held_storages.clear()
+        self.held_bytes = 0
+        self._by_scope.clear()
 
 
 def live_fields(m: dict) -> dict:

@@ -177,7 +177,7 @@ class ModuleReplay:
 class LoggedCall:
     """One finished module call of a deferred replay: what its replay needs, held until settle()."""
     __slots__ = ("name", "scope", "wanted", "args", "kwargs", "versions", "output", "named", "out_versions",
-                 "children", "forward", "beyond", "own_fault", "below")
+                 "children", "forward", "beyond", "own_fault", "below", "held")
 
     def __init__(self, name, scope, wanted, args, kwargs, versions, output, named, children, forward):
         self.name, self.scope, self.wanted = name, scope, wanted
@@ -187,6 +187,7 @@ class LoggedCall:
         # while unchanged
         self.out_versions = [_version_of(t) for _, t in named] if named else []
         self.beyond = self.own_fault = self.below = False
+        self.held = True
 
     def output_unchanged(self, i: int) -> bool:
         v = self.out_versions[i] if i < len(self.out_versions) else None
@@ -211,6 +212,16 @@ def _version_of(t: torch.Tensor):
         return None
 
 
+def _call_tensors(args, kwargs, named) -> list:
+    out = [t for _, t in named or ()]
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif isinstance(v, (tuple, list)):
+            out.extend(x for x in v if isinstance(x, torch.Tensor))
+    return out
+
+
 class DeferredReplay(ModuleReplay):
     """Replay decided after the forward: every call is logged (its inputs and outputs held, nothing
     copied or run), each record measured against the reference's as it is made
@@ -226,6 +237,7 @@ class DeferredReplay(ModuleReplay):
         self._open: list = []
         self.metrics: dict = {}
         self.replayed = 0
+        self.not_held_beyond: list = []  # scopes of calls beyond tolerance that could not be replayed
 
     def on_enter(self, name: str, wanted: bool, args, kwargs, forward=None) -> None:
         self._children.append([])
@@ -237,7 +249,12 @@ class DeferredReplay(ModuleReplay):
         args, kwargs, versions, forward = self._open.pop() if self._open else ((), {}, None, None)
         if failed:
             return {}, False, None
-        call = LoggedCall(name, scope, wanted, args, kwargs, versions, output, named_outputs, children, forward)
+        held = self.live.holding and all(self.live.hold(t) for t in _call_tensors(args, kwargs, named_outputs))
+        if not held:  # past the memory share: measured, but nothing held for a replay
+            call = LoggedCall(name, scope, wanted, (), {}, None, None, None, children, None)
+            call.held = False
+        else:
+            call = LoggedCall(name, scope, wanted, args, kwargs, versions, output, named_outputs, children, forward)
         if self._children:
             self._children[-1].append(call)
         self.log.append(call)
@@ -251,7 +268,13 @@ class DeferredReplay(ModuleReplay):
         metrics = self.metrics = live.results()
         budget = self.replayer.budget
         replayed = 0
+        self.not_held_beyond = []
         for call in self.log:
+            if not call.held:
+                if call.wanted and any(live.beyond(k, metrics.get(k), self.replayer._budget)
+                                       for k in live.keys_of(call.scope)):
+                    self.not_held_beyond.append(call.scope)
+                continue
             if not call.wanted or call.named is None:
                 continue
             first = next(((slot, t) for slot, t in call.named if t.is_floating_point()), None)

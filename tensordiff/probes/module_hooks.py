@@ -244,7 +244,9 @@ class ModuleProbe:
              if tensor is not None else None) for key, (fields, tensor) in amends.items()])
         self.live_summary = {"records_measured": len(self.replay.metrics), "calls_replayed": self.replay.replayed,
                              "records_saved": sum(1 for _, t in amends.values() if t is not None),
-                             "records_not_kept": live.not_kept}
+                             "records_not_kept": live.not_kept, "records_not_held": live.not_held,
+                             "beyond_not_replayed": self.replay.not_held_beyond[:20],
+                             "beyond_not_replayed_count": len(self.replay.not_held_beyond)}
         if drill and self.drill_down and self.drilled is None:
             first = next((c for c in calls if c.own_fault and not c.below and c.forward is not None), None)
             if first is not None:
