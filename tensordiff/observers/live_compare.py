@@ -159,12 +159,13 @@ class LiveCompare:
         if ref is None or ref.shape != t.shape or ref.device != t.device:
             self.not_kept += 1
             return
-        self._dtypes[key] = str(t.dtype).replace("torch.", "")
-        self._by_scope.setdefault(key.rsplit("/", 1)[0], []).append(key)
-        if self.hold(t):
+        # (the memory of held tensors is counted per call: observers/module_replay.DeferredReplay)
+        if self.held_bytes < self.hold_bytes:
             self.tensors[key] = (t, _version(t))
-        else:
+        else:  # past the share: what settle() needs to tell which of these calls went beyond
             self.not_held += 1
+            self._dtypes[key] = str(t.dtype).replace("torch.", "")
+            self._by_scope.setdefault(key.rsplit("/", 1)[0], []).append(key)
         same = self._by_tensor.get((id(t), id(ref)))
         if same is not None and same[1] == _version(t):  # the same pair measured under another key
             self._done[key] = self._done[same[0]]
@@ -189,16 +190,15 @@ class LiveCompare:
 
     def hold(self, t: torch.Tensor) -> bool:
         """May ``t`` be kept alive until the forward ends? Counts its storage once."""
-        if t.layout != torch.strided:
-            return True
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
+        ptr = t.data_ptr()  # views at other offsets count again: an over-count, never an under-count
         if ptr in self._held_storages:
             return True
-        if self.held_bytes + storage.nbytes() > self.hold_bytes:
+        nbytes = t.numel() * t.element_size()
+        if self.held_bytes + nbytes > self.hold_bytes:
+            self.held_bytes = self.hold_bytes  # full: later calls are not held either (call order)
             return False
         self._held_storages.add(ptr)
-        self.held_bytes += storage.nbytes()
+        self.held_bytes += nbytes
         return True
 
     @property
