@@ -194,15 +194,21 @@ class LoggedCall:
         return v is not None and _version_of(self.named[i][1]) == v
 
 
-def flat_versions(args, kwargs) -> list:
-    """Version counters of the tensors among a call's arguments (top level and one level down)."""
+def arg_tensors(args, kwargs) -> list:
+    """The tensors among a call's arguments, top level and one level down (a list of tensors)."""
     out = []
     for v in (*args, *kwargs.values()):
         if isinstance(v, torch.Tensor):
-            out.append(_version_of(v))
+            out.append(v)
         elif isinstance(v, (tuple, list)):
-            out.extend(_version_of(x) for x in v if isinstance(x, torch.Tensor))
+            out.extend(x for x in v if isinstance(x, torch.Tensor))
     return out
+
+
+def flat_versions(args, kwargs) -> list:
+    """Version counters of a call's argument tensors (``arg_tensors``): a replay after the forward
+    is valid only while they have not moved."""
+    return [_version_of(t) for t in arg_tensors(args, kwargs)]
 
 
 def _version_of(t: torch.Tensor):
@@ -210,16 +216,6 @@ def _version_of(t: torch.Tensor):
         return t._version
     except RuntimeError:
         return None
-
-
-def _call_tensors(args, kwargs, named) -> list:
-    out = [t for _, t in named or ()]
-    for v in (*args, *kwargs.values()):
-        if isinstance(v, torch.Tensor):
-            out.append(v)
-        elif isinstance(v, (tuple, list)):
-            out.extend(x for x in v if isinstance(x, torch.Tensor))
-    return out
 
 
 class DeferredReplay(ModuleReplay):
@@ -249,7 +245,8 @@ class DeferredReplay(ModuleReplay):
         args, kwargs, versions, forward = self._open.pop() if self._open else ((), {}, None, None)
         if failed:
             return {}, False, None
-        held = self.live.holding and all(self.live.hold(t) for t in _call_tensors(args, kwargs, named_outputs))
+        held = self.live.holding and all(self.live.hold(t) for t in
+                                            [t for _, t in named_outputs or ()] + arg_tensors(args, kwargs))
         if not held:  # past the memory share: measured, but nothing held for a replay
             call = LoggedCall(name, scope, wanted, (), {}, None, None, None, children, None)
             call.held = False
