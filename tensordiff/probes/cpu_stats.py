@@ -105,9 +105,10 @@ def _native(t: torch.Tensor):
     return lib, (t if dense(t) else t.contiguous())
 
 
-def stats_and_checksum(t: torch.Tensor) -> tuple[torch.Tensor, int] | None:
-    """(stats vector, checksum) of a CPU float tensor in one native call, or None where this path
-    does not apply."""
+def stats_and_checksum(t: torch.Tensor) -> tuple[np.ndarray, int] | None:
+    """(stats vector as float64 numpy, checksum) of a CPU float tensor in one native call, or None
+    where this path does not apply. numpy, not a tensor: the trace writer wants numpy, and
+    torch.from_numpy cost a tenth of a small tensor's record."""
     code = _DTYPE_CODE.get(t.dtype)
     ready = _native(t) if code is not None else None
     if ready is None:
@@ -116,13 +117,13 @@ def stats_and_checksum(t: torch.Tensor) -> tuple[torch.Tensor, int] | None:
     out = np.empty(10, np.float64)  # numpy, not torch.empty: no trip through an active dispatch mode
     if lib.td_cpu_stats(t.data_ptr(), t.numel(), code, out.ctypes.data) != 0:
         return None
-    return torch.from_numpy(out[:9]), int(out[9:].view(np.uint64)[0])
+    return out[:9], int(out[9:].view(np.uint64)[0])
 
 
 def stats(t: torch.Tensor) -> torch.Tensor | None:
     """The stats vector of a CPU float tensor, None where this path does not apply."""
     both = stats_and_checksum(t)
-    return None if both is None else both[0]
+    return None if both is None else torch.from_numpy(both[0])
 
 
 def checksum(t: torch.Tensor) -> int | None:

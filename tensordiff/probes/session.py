@@ -222,9 +222,10 @@ class CaptureSession:
              same_as: torch.Tensor | None = None) -> None:
         """One record. ``same_as``: the input a view op's output was made from (recorded just before
         the op ran), so a view with the same elements becomes an alias instead of a new stats pass."""
+        # (``record`` is the caller's fresh dict: completed in place, not copied)
         save = self.save_data if save_data is None else save_data
         if self._uninit and self._is_uninitialized(tensor):
-            record = {**record, "uninitialized": True}
+            record["uninitialized"] = True
         original = self._already_captured(tensor, save)
         if original is None and same_as is not None and not save:
             seen = self._same_elements_as(tensor, same_as)
@@ -232,12 +233,12 @@ class CaptureSession:
                 original = seen[1]
                 in_order = tensor.is_contiguous() and same_as.is_contiguous()
                 if not in_order:
-                    record = {**record, "stats_only": True}  # the original's bytes are not in this order
+                    record["stats_only"] = True  # the original's bytes are not in this order
                 self._seen[id(tensor)] = (weakref.ref(tensor), original, _version(tensor), seen[3], seen[4] and in_order)
         if original is not None:
             # The same tensor, unchanged since it was captured (a module's output is the next one's
             # input; an op's output is the next op's input): record an alias, copy nothing.
-            record = {**record, "alias_of": original}
+            record["alias_of"] = original
             snap = Snapshot(tensor_layout(tensor), None, None)
         else:
             ring = self._staging_ring() if save and tensor.device.type == "cpu" else None

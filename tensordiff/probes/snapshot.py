@@ -167,13 +167,15 @@ def device_stats(t: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Snapshot:
     layout: dict
-    stats: torch.Tensor | None  # float64 [len(STAT_NAMES)], maybe still on the device; None: from data
+    stats: torch.Tensor | np.ndarray | None  # float64 [len(STAT_NAMES)], maybe still on the device; None: from data
     data: PendingTensor | None = None
     save: bool = True  # False: data travels only so the writer thread can compute the stats
     stats_event: object = None  # CUDA event after which the (pinned host) stats are valid
     checksum: int | None = None  # of the live tensor's bytes, where the stats pass took one (CPU)
 
     def stats_numpy(self, materialized: torch.Tensor | None = None) -> np.ndarray:
+        if isinstance(self.stats, np.ndarray):  # the native CPU stats pass
+            return self.stats
         if hasattr(self.stats, "numpy") and not isinstance(self.stats, torch.Tensor):
             return self.stats.numpy()  # a gpu_stats.StatsSlot, filled by a batched flush
         if self.stats_event is not None:
