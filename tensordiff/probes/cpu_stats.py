@@ -97,7 +97,7 @@ def dense(t: torch.Tensor) -> bool:
 def _native(t: torch.Tensor):
     """(library, t as dense bytes) where the native path applies: a strided CPU tensor, a view that
     leaves gaps (a slice) copied first; neither stats nor checksum depend on the elements' order."""
-    if t.layout != torch.strided or t.device.type != "cpu" or t.numel() == 0:
+    if t.layout != torch.strided or not t.is_cpu or t.numel() == 0:
         return None
     lib = _library()
     if lib is None:

@@ -206,7 +206,7 @@ def snapshot(t: torch.Tensor, save_data: bool = True, batcher=None, ring=None) -
     copy is taken here and the writer's thread computes the stats. Devices we do not trust: the
     copy, stats from it in the writer's thread. A trusted accelerator computes its stats itself,
     without a sync."""
-    if t.device.type == "cpu" and t.layout == torch.strided:
+    if t.is_cpu and t.layout == torch.strided:
         # One native pass gives the stats and the checksum the session keeps (see cpu_stats): over
         # the live tensor when only stats are kept (cheaper than a copy for the writer's thread to
         # reduce later), over the copy (still in cache) when the data is saved too.
