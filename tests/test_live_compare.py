@@ -146,14 +146,44 @@ def test_host_live_metrics_equal_compare():
     live.add("k", tgt)
     m = live.results()["k"]
     want = compare(ref, tgt, Tolerance(1e-5, 1.6e-2, 6e-2))
-    assert m["rel_l2"] == want["rel_l2"] and m["nonfinite_mismatch"] == 1
+    for name in ("rel_l2", "max_abs", "mean_abs", "cosine"):
+        assert math.isclose(m[name], want[name], rel_tol=1e-9), name
+    assert m["nonfinite_mismatch"] == want["nonfinite_mismatch"] == 1
     back = metrics_from_live(live_fields(m), {"nan": 0, "inf": 0}, {"nan": 1, "inf": 0})
-    assert back["rel_l2"] == want["rel_l2"] and back["nonfinite_mismatch"] == 1 and back["live"]
+    assert back["rel_l2"] == m["rel_l2"] and back["nonfinite_mismatch"] == 1 and back["live"]
     # a reference changed in place after it was kept is not compared (its values are gone)
     ref.add_(1)
     live2 = LiveCompare(kept)
     live2.add("k", tgt)
     assert live2.results() == {} and live2.not_kept == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_host_pair_pass_equals_compare(dtype):
+    """cpu_stats.pair_metrics against metrics.compare: every sum, the max, and non-finite values on
+    either side (NaN on both sides and the same infinity are no mismatch), over a length that is no
+    multiple of anything, and a strided target."""
+    from tensordiff.probes import cpu_stats
+
+    if not cpu_stats.available():
+        pytest.skip("no C compiler: compare() does the work")
+    torch.manual_seed(1)
+    ref = torch.randn(3001, 7)
+    tgt = (ref * (1 + 1e-3 * torch.randn_like(ref))).to(dtype)
+    tgt[5, 1], ref[5, 1] = float("nan"), float("nan")           # NaN both: equal
+    tgt[6, 2], ref[6, 2] = float("inf"), float("inf")           # same infinity: equal
+    tgt[7, 3] = float("-inf")                                   # one side: mismatch
+    ref[8, 4] = float("nan")                                    # one side: mismatch
+    for t, r in ((tgt, ref), (tgt.t().contiguous().t(), ref)):
+        kept = KeptReference(1 << 30)
+        kept.keep("k", r)
+        live = LiveCompare(kept)
+        live.add("k", t)
+        m, want = live.results()["k"], compare(r, t, Tolerance(1e-5, 1e-3, 1e-2))
+        assert m["nonfinite_mismatch"] == want["nonfinite_mismatch"] == 2
+        for name in ("rel_l2", "max_abs", "cosine"):
+            assert math.isclose(m[name], want[name], rel_tol=1e-9), name
+        assert math.isclose(m["mean_abs"], want["mean_abs"], rel_tol=1e-3)  # count: finite on both sides
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

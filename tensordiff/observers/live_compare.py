@@ -12,8 +12,9 @@ after the forward, and only the calls whose output is beyond tolerance are repla
     live.add(key, tensor)                        # per target record, in the forward
     metrics = live.results()                     # key -> the diff's metrics, after the forward
 
-The metrics are the diff's (``metrics.compare``): exact on the host; on a GPU the whole-tensor sums, max
-|diff| and non-finite mismatches of ``fused_stats.cu``'s pair kernel (no per-element maxima). A trace
+The metrics are the diff's: the whole-tensor sums, max |diff| and non-finite mismatches of one pass
+(``fused_stats.cu``'s pair kernel on a GPU, ``cpu_stats.c``'s twin on the host; no per-element ratios),
+and ``metrics.compare`` itself for integer tensors and dtypes those passes do not take. A trace
 carries them in its index rows (``live_*``) with the reference's ``run_id``: the diff uses them only
 against that same reference trace.
 """
@@ -25,6 +26,7 @@ import uuid
 import torch
 
 from tensordiff.metrics import Tolerance, compare, tolerance_for
+from tensordiff.probes import cpu_stats
 
 LIVE_FIELDS = ("max_abs", "mean_abs", "rel_l2", "cosine", "max_rel", "frac_outside", "nonfinite_mismatch",
                "worst_flat")
@@ -173,11 +175,17 @@ class LiveCompare:
         self._by_tensor[(id(t), id(ref))] = (key, _version(t))
         if t.device.type == "cuda" and self._pair is not None and t.dtype in self._codes and ref.dtype in self._codes:
             self._done[key] = self._launch(t, ref)
-        elif t.device.type != "cpu":  # integer decisions (top-k indices) on a GPU: exact, at results()
+        elif not t.is_cpu:  # integer decisions (top-k indices) on a GPU: exact, at results()
             self._done[key] = ("later", key, ref)
         else:
-            tol = self.tolerance(key, str(t.dtype).replace("torch.", ""))
-            self._done[key] = compare(ref.detach(), t.detach(), tol)
+            # floats: one native pass (cpu_stats.pair_metrics, the pair kernel's twin); integers and
+            # other dtypes: the diff's own compare, exact (a router's top-k flips need its counts)
+            sums = cpu_stats.pair_metrics(t.detach(), ref.detach()) if t.is_floating_point() else None
+            if sums is not None:
+                self._done[key] = _finish(*sums[:5].tolist(), int(sums[6]), float(sums[5]), t.numel())
+            else:
+                tol = self.tolerance(key, str(t.dtype).replace("torch.", ""))
+                self._done[key] = compare(ref.detach(), t.detach(), tol)
 
     def keys_of(self, scope: str) -> list:
         return self._by_scope.get(scope, [])

@@ -155,3 +155,48 @@ uint64_t td_checksum(const void *data, int64_t n, int itemsize) {
     }
     return h;
 }
+
+/* A target tensor against the reference's, one pass (observers/live_compare.py on the host; the GPU
+ * twin is fused_stats.cu's pair kernel). t: float32 (0), bfloat16 (2) or float16 (3); r: float32;
+ * both dense in the same element order. out: [sum d^2, sum r^2, sum t^2, sum r*t, sum |d|] over the
+ * elements finite on both sides, then max |d|, then the count of non-finite mismatches (NaN or Inf on
+ * one side only, or unequal infinities; NaN on both sides is no mismatch). Double accumulators: a
+ * float32 target's error against its float32 reference may be 1e-7 relative. Returns 0, -1 for a
+ * dtype not handled here. */
+#define PAIR_LOOP(LOADT, BITST)                                                                         \
+    for (int64_t k = 0; k < n; k++) {                                                                 \
+        float a = LOADT(k), b = r[k];                                                                 \
+        uint32_t ua = BITST(a), ub = ur[k];                                                           \
+        int fa = (ua & 0x7f800000u) != 0x7f800000u, fb = (ub & 0x7f800000u) != 0x7f800000u;          \
+        int both = fa & fb;                                                                           \
+        double x = both ? (double)a : 0.0, y = both ? (double)b : 0.0, d = x - y;                     \
+        double ad = d < 0 ? -d : d;                                                                   \
+        sd += d * d; sr += y * y; st += x * x; dot += x * y; sa += ad; mx = ad > mx ? ad : mx;        \
+        int na = (ua & 0x7fffffffu) > 0x7f800000u, nb = (ub & 0x7fffffffu) > 0x7f800000u;             \
+        bad += (!both) & !(na & nb) & (ua != ub);                                                     \
+    }
+
+static inline uint32_t float_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+int td_pair_metrics(const void *t, int tdt, const float *r, int64_t n, double *out) {
+    const uint32_t *ur = (const uint32_t *)r;
+    double sd = 0, sr = 0, st = 0, dot = 0, sa = 0, mx = 0;
+    int64_t bad = 0;
+    if (tdt == 0) {
+        const float *x = (const float *)t;
+#define LDP32(k) (x[k])
+        PAIR_LOOP(LDP32, float_bits)
+    } else if (tdt == 2) {
+        const uint16_t *h = (const uint16_t *)t;
+#define LDPBF(k) (bf16_to_float(h[k]))
+        PAIR_LOOP(LDPBF, float_bits)
+    } else if (tdt == 3) {
+        const uint16_t *h = (const uint16_t *)t;
+#define LDPF16(k) (f16_to_float(h[k]))
+        PAIR_LOOP(LDPF16, float_bits)
+    } else {
+        return -1;
+    }
+    out[0] = sd; out[1] = sr; out[2] = st; out[3] = dot; out[4] = sa; out[5] = mx; out[6] = (double)bad;
+    return 0;
+}

@@ -72,6 +72,8 @@ def _library():
     lib.td_cpu_stats.restype = ctypes.c_int
     lib.td_checksum.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     lib.td_checksum.restype = ctypes.c_uint64
+    lib.td_pair_metrics.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.td_pair_metrics.restype = ctypes.c_int
     _LIB[0] = lib
     return lib
 
@@ -118,6 +120,26 @@ def stats_and_checksum(t: torch.Tensor) -> tuple[np.ndarray, int] | None:
     if lib.td_cpu_stats(t.data_ptr(), t.numel(), code, out.ctypes.data) != 0:
         return None
     return out[:9], int(out[9:].view(np.uint64)[0])
+
+
+def pair_metrics(t: torch.Tensor, ref: torch.Tensor) -> np.ndarray | None:
+    """[sum d^2, sum r^2, sum t^2, sum r*t, sum |d|, max |d|, non-finite mismatches] of a CPU target
+    tensor (float32 / bfloat16 / float16) against a float32 reference of the same shape, in one
+    native pass; None where this path does not apply (then metrics.compare does the work)."""
+    code = _DTYPE_CODE.get(t.dtype)
+    if code not in (0, 2, 3) or ref.dtype != torch.float32 or not (t.is_cpu and ref.is_cpu) \
+            or t.layout != torch.strided or ref.layout != torch.strided or t.numel() == 0:
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    # the same element order on both sides: contiguous copies where either is not
+    t = t if t.is_contiguous() else t.contiguous()
+    ref = ref if ref.is_contiguous() else ref.contiguous()
+    out = np.empty(7, np.float64)
+    if lib.td_pair_metrics(t.data_ptr(), code, ref.data_ptr(), t.numel(), out.ctypes.data) != 0:
+        return None
+    return out
 
 
 def stats(t: torch.Tensor) -> torch.Tensor | None:
