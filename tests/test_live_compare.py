@@ -284,3 +284,24 @@ def test_live_past_the_memory_share_says_so(tmp_path, monkeypatch):
     assert live["records_not_held"] > 50 and live["beyond_not_replayed_count"] >= 1
     assert any("--no-live" in n and "memory share" in n for n in res.notes)
     assert res.first_divergence["module"].startswith("model.layers.3.mlp")
+
+
+def test_cli_live_and_no_live(tmp_path):
+    """The command line: live by default for an in-process target (stats and live numbers, the note
+    says so), --no-live saves every tensor and replays every call."""
+    import subprocess
+    import sys
+
+    for flag, name in (([], "live"), (["--no-live"], "eager")):
+        proc = subprocess.run([sys.executable, "-m", "tensordiff", "trace", "--model", "qwen", "--target", "cpu-bf16",
+                               "--seq-len", "64", "--out", str(tmp_path / name), *flag],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        with open_trace(tmp_path / name / "target.h5") as target:
+            index = target.index
+            if name == "live":
+                assert target.meta["live"]["calls_replayed"] == 0 and not index["has_data"].any()
+                assert "live comparison:" in proc.stdout.replace("\n", " ")
+            else:
+                assert "live" not in target.meta and index["has_data"].all()
+                assert index["local_rel_l2"].notna().sum() > 50
