@@ -352,10 +352,8 @@ def _probe_crash(job: TraceJob, code: int) -> dict:
 
 def _budget(job: TraceJob):
     """(record key, dtype) -> rel L2 budget under the job's tolerances (the capture decides with it)."""
-    from tensordiff.diff import tolerance_policy
-
-    policy = tolerance_policy(job.atol, job.rtol, job.rel_l2, job.per_pattern)
-    return lambda key, dtype: policy.for_record(key, dtype).rel_l2
+    tolerance = _tolerance(job)
+    return lambda key, dtype: tolerance(key, dtype).rel_l2
 
 
 def add_reference_data(out_dir: Path, kept) -> int:
@@ -374,6 +372,7 @@ def add_reference_data(out_dir: Path, kept) -> int:
 
 
 def _tolerance(job: TraceJob):
+    """(record key, dtype) -> Tolerance: the diff's policy under the job's --atol / --rtol / --tol."""
     from tensordiff.diff import tolerance_policy
 
     policy = tolerance_policy(job.atol, job.rtol, job.rel_l2, job.per_pattern)

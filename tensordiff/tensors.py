@@ -9,6 +9,15 @@ from __future__ import annotations
 import torch
 
 
+def version_of(t: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter; None where it has none (inference tensors). Whether a
+    tensor held since it was recorded still holds what was recorded."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 def flatten_tensors(obj, prefix: str, depth: int = 0):
     """(slot, tensor) pairs of every tensor inside tuples, lists and dicts (ModelOutput included)."""
     if isinstance(obj, torch.Tensor):

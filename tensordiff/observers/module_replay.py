@@ -21,7 +21,7 @@ from tensordiff.metrics import local_beyond
 from tensordiff.probes.local_error import local_error, mean_abs_ratio
 from tensordiff.probes.replay import LOW_PRECISION, dtypes_of
 from tensordiff.schema import ROOT
-from tensordiff.tensors import flatten_tensors
+from tensordiff.tensors import flatten_tensors, version_of as _version_of
 
 
 def _accumulate(sums: dict, module: str, grads: dict) -> None:
@@ -209,13 +209,6 @@ def flat_versions(args, kwargs) -> list:
     """Version counters of a call's argument tensors (``arg_tensors``): a replay after the forward
     is valid only while they have not moved."""
     return [_version_of(t) for t in arg_tensors(args, kwargs)]
-
-
-def _version_of(t: torch.Tensor):
-    try:
-        return t._version
-    except RuntimeError:
-        return None
 
 
 class DeferredReplay(ModuleReplay):

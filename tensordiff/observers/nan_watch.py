@@ -31,14 +31,7 @@ from tensordiff.analysis.boundary import boundary_signature, first_bad_index
 from tensordiff.observers.events import ModuleCall, Needs, Observer, OpCall
 from tensordiff.observers.experts import ExpertTracker
 from tensordiff.source_lines import user_source_line
-from tensordiff.tensors import clone_tensors, flatten_tensors
-
-
-def _version(t: torch.Tensor) -> int | None:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors
-        return None
+from tensordiff.tensors import clone_tensors, flatten_tensors, version_of as _version
 
 
 def _screenable(t) -> bool:

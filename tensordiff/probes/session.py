@@ -22,14 +22,7 @@ from tensordiff.probes import cpu_stats, fast_module_stats, fused_stats
 from tensordiff.probes.gpu_stats import StatsBatcher
 from tensordiff.probes.snapshot import Snapshot, snapshot, tensor_layout
 from tensordiff.schema import ROOT, module_record  # noqa: F401 (ROOT: re-exported)
-
-def _version(t: torch.Tensor) -> int | None:
-    """The tensor's in-place version counter (None where it has none, e.g. inference tensors)."""
-    try:
-        return t._version
-    except RuntimeError:
-        return None
-
+from tensordiff.tensors import version_of as _version
 
 def _fingerprint(t: torch.Tensor) -> float | int | None:
     """A checksum of a CPU tensor's values (None elsewhere: comparing it would need a device sync)."""
