@@ -136,13 +136,14 @@ def capture(model: torch.nn.Module, inputs, path, level: str = "module", save: s
             _sync()
             seconds = time.perf_counter() - start
             writer.quiet.set()  # the traced run is over: the writer may write the index rows now
+        extra = {}  # one metadata update: each rewrites the attribute and flushes the file
         if guard is not None:
             from tensordiff.guard import summary_lines
 
-            writer.set_metadata(guard={"summary": summary_lines(guard.findings), "findings": guard.summary()})
+            extra["guard"] = {"summary": summary_lines(guard.findings), "findings": guard.summary()}
         if probe.live_summary is not None:
-            writer.set_metadata(live=probe.live_summary)
-        writer.set_metadata(traced_seconds=seconds, replay=replayer is not None, drill_down=probe.drilled,
+            extra["live"] = probe.live_summary
+        writer.set_metadata(**extra, traced_seconds=seconds, replay=replayer is not None, drill_down=probe.drilled,
                             replay_failures=dict(list(replayer.failures.items())[:50]) if replayer else {})
     _release_pinned_host_memory()
     return CaptureResult(str(path), session.records, seconds, output)

@@ -18,7 +18,9 @@
 #include <torch/csrc/DynamicTypes.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -783,6 +785,228 @@ bool init_probed_type(PyObject* module) {
   return PyModule_AddObject(module, "Probed", reinterpret_cast<PyObject*>(&ProbedType)) == 0;
 }
 
+
+// ---- CPU records without Python objects per tensor (probes/session.py CaptureSession.emit) ------
+//
+// An op-level capture of a CPU model makes about three records per op. In Python each cost ~30 us
+// (identity table, layout, a native stats pass through ctypes, a checksum to confirm an alias),
+// three times the op's own cost in a small model. CpuRecords does the same work for a record that
+// keeps only stats: it recognises a tensor captured before and unchanged (same TensorImpl and
+// version counter, and the same checksum: a kernel writing through a raw data_ptr() does not move
+// the counter), or a view op's output holding its input's elements; otherwise it runs the native
+// stats pass (cpu_stats.c, reached through its address) into a row of a float64 chunk the session
+// owns. The layout and the alias go into the caller's record dict; the session hands the record to
+// the writer with its chunk row.
+
+using CpuStatsFn = int (*)(const void*, int64_t, int, double*);
+using ChecksumFn = uint64_t (*)(const void*, int64_t, int);
+
+struct CpuSeen {
+  c10::weak_intrusive_ptr<c10::TensorImpl> impl;
+  uint32_t version;
+  PyObject* key;  // owned
+  uint64_t checksum;
+};
+
+int cpu_stats_code(at::ScalarType t) {  // cpu_stats.py _DTYPE_CODE
+  switch (t) {
+    case at::kFloat: return 0;
+    case at::kDouble: return 1;
+    case at::kBFloat16: return 2;
+    case at::kHalf: return 3;
+    default: return -1;
+  }
+}
+
+// cpu_stats.dense: the elements fill [data_ptr, data_ptr + nbytes) in some order
+bool dense(const at::Tensor& t) {
+  if (t.is_contiguous()) return true;
+  std::vector<std::pair<int64_t, int64_t>> dims;
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) != 1) dims.emplace_back(t.stride(d), t.size(d));
+  std::sort(dims.begin(), dims.end());
+  int64_t expected = 1;
+  for (auto& [stride, size] : dims) {
+    if (stride != expected) return false;
+    expected *= size;
+  }
+  return true;
+}
+
+class CpuRecords {
+ public:
+  CpuRecords(int64_t stats_fn, int64_t checksum_fn)
+      : stats_(reinterpret_cast<CpuStatsFn>(stats_fn)), checksum_(reinterpret_cast<ChecksumFn>(checksum_fn)) {
+    k_key_ = PyUnicode_InternFromString("key");
+    k_alias_ = PyUnicode_InternFromString("alias_of");
+    k_stats_only_ = PyUnicode_InternFromString("stats_only");
+    k_shape_ = PyUnicode_InternFromString("shape");
+    k_dtype_ = PyUnicode_InternFromString("dtype");
+    k_device_ = PyUnicode_InternFromString("device");
+    k_stride_ = PyUnicode_InternFromString("stride");
+    k_offset_ = PyUnicode_InternFromString("storage_offset");
+    k_contiguous_ = PyUnicode_InternFromString("contiguous");
+    cpu_ = PyUnicode_InternFromString("cpu");
+  }
+  ~CpuRecords() {
+    forget();
+    for (PyObject* o : {k_key_, k_alias_, k_stats_only_, k_shape_, k_dtype_, k_device_, k_stride_, k_offset_,
+                        k_contiguous_, cpu_})
+      Py_XDECREF(o);
+    for (auto& kv : dtype_names_) Py_XDECREF(kv.second);
+  }
+  CpuRecords(const CpuRecords&) = delete;
+  CpuRecords& operator=(const CpuRecords&) = delete;
+
+  // The float64 [rows, 10] chunk new records' stats go into (9 stats, then the checksum's bits).
+  void set_chunk(int64_t address, int64_t rows) {
+    chunk_ = reinterpret_cast<double*>(address);
+    rows_ = rows;
+    next_ = 0;
+  }
+
+  // One record of a tensor whose data is not kept. Returns its row in the chunk (a new record),
+  // -1 (an alias: record["alias_of"] set), -2 (not a tensor this path handles: the Python path
+  // records it), -3 (the chunk is full: set_chunk, then call again).
+  int64_t emit(py::handle record, py::handle tensor, py::handle same_as) {
+    if (!THPVariable_Check(tensor.ptr())) return -2;
+    const at::Tensor& t = THPVariable_Unpack(tensor.ptr());
+    if (!t.is_cpu() || t.layout() != at::kStrided || t.numel() == 0) return -2;
+    int code = cpu_stats_code(t.scalar_type());
+    if (code < 0 || !dense(t)) return -2;
+    if (next_ >= rows_) return -3;
+    c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+    bool versioned = true;
+    uint32_t version = 0;
+    try {
+      version = impl->version_counter().current_version();
+    } catch (const c10::Error&) {
+      versioned = false;  // an inference tensor has no version counter: never an alias
+    }
+    PyObject* rec = record.ptr();
+    if (versioned) {
+      // captured before and unchanged since (session._already_captured)
+      auto it = seen_.find(impl);
+      if (it != seen_.end() && it->second.version == version && !it->second.impl.expired() &&
+          checksum(t) == it->second.checksum) {
+        if (PyDict_SetItem(rec, k_alias_, it->second.key)) throw py::error_already_set();
+        set_layout(rec, t);
+        return -1;
+      }
+      // a view op's output holding exactly its input's elements (session._same_elements_as)
+      if (!same_as.is_none() && THPVariable_Check(same_as.ptr())) {
+        const at::Tensor& base = THPVariable_Unpack(same_as.ptr());
+        auto b = seen_.find(base.unsafeGetTensorImpl());
+        if (b != seen_.end() && !b->second.impl.expired() && base_version(base) == (int64_t)b->second.version &&
+            base.scalar_type() == t.scalar_type() && base.numel() == t.numel() && base.data_ptr() == t.data_ptr() &&
+            base.layout() == at::kStrided && dense(base)) {
+          if (!(t.is_contiguous() && base.is_contiguous()) && PyDict_SetItem(rec, k_stats_only_, Py_True))
+            throw py::error_already_set();  // the original's bytes are not in this order
+          if (PyDict_SetItem(rec, k_alias_, b->second.key)) throw py::error_already_set();
+          remember(impl, version, b->second.key, b->second.checksum);
+          set_layout(rec, t);
+          return -1;
+        }
+      }
+    }
+    double* out = chunk_ + 10 * next_;
+    if (stats_(t.data_ptr(), t.numel(), code, out) != 0) return -2;
+    uint64_t sum;
+    std::memcpy(&sum, out + 9, 8);
+    if (versioned) {
+      PyObject* key = PyDict_GetItemWithError(rec, k_key_);  // borrowed
+      if (key == nullptr) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_KeyError, "key");
+        throw py::error_already_set();
+      }
+      remember(impl, version, key, sum);
+    }
+    set_layout(rec, t);
+    return next_++;
+  }
+
+  // Forget tensor identities (the session's capture is over).
+  void forget() {
+    for (auto& kv : seen_) Py_DECREF(kv.second.key);
+    seen_.clear();
+  }
+
+  int64_t size() const { return (int64_t)seen_.size(); }
+
+ private:
+  static int64_t base_version(const at::Tensor& t) {
+    try {
+      return t.unsafeGetTensorImpl()->version_counter().current_version();
+    } catch (const c10::Error&) {
+      return -1;
+    }
+  }
+
+  uint64_t checksum(const at::Tensor& t) const {  // cpu_stats.checksum of a dense tensor
+    return checksum_(t.data_ptr(), t.numel(), (int)t.element_size());
+  }
+
+  void remember(c10::TensorImpl* impl, uint32_t version, PyObject* key, uint64_t sum) {
+    Py_INCREF(key);
+    auto weak = c10::weak_intrusive_ptr<c10::TensorImpl>(c10::intrusive_ptr<c10::TensorImpl>::reclaim_copy(impl));
+    auto it = seen_.find(impl);
+    if (it != seen_.end()) {
+      Py_DECREF(it->second.key);
+      it->second = CpuSeen{std::move(weak), version, key, sum};
+    } else {
+      seen_.emplace(impl, CpuSeen{std::move(weak), version, key, sum});
+    }
+  }
+
+  PyObject* dtype_name(at::ScalarType s) {  // snapshot.tensor_layout's "float32"
+    auto it = dtype_names_.find((int)s);
+    if (it != dtype_names_.end()) return it->second;
+    PyObject* full = PyObject_Str((PyObject*)torch::getTHPDtype(s));
+    if (full == nullptr) throw py::error_already_set();
+    Py_ssize_t n = PyUnicode_GET_LENGTH(full);
+    PyObject* name = n > 6 ? PyUnicode_Substring(full, 6, n) : Py_NewRef(full);  // drop "torch."
+    Py_DECREF(full);
+    if (name == nullptr) throw py::error_already_set();
+    dtype_names_.emplace((int)s, name);
+    return name;
+  }
+
+  // snapshot.tensor_layout's fields, into the record
+  void set_layout(PyObject* rec, const at::Tensor& t) {
+    auto sizes = t.sizes();
+    auto strides = t.strides();
+    PyObject* shape = PyList_New((Py_ssize_t)sizes.size());
+    PyObject* stride = PyList_New((Py_ssize_t)strides.size());
+    if (shape == nullptr || stride == nullptr) {
+      Py_XDECREF(shape);
+      Py_XDECREF(stride);
+      throw py::error_already_set();
+    }
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      PyList_SET_ITEM(shape, i, PyLong_FromLongLong(sizes[i]));
+      PyList_SET_ITEM(stride, i, PyLong_FromLongLong(strides[i]));
+    }
+    PyObject* offset = PyLong_FromLongLong(t.storage_offset());
+    int err = PyDict_SetItem(rec, k_shape_, shape) | PyDict_SetItem(rec, k_dtype_, dtype_name(t.scalar_type())) |
+              PyDict_SetItem(rec, k_device_, cpu_) | PyDict_SetItem(rec, k_stride_, stride) |
+              PyDict_SetItem(rec, k_offset_, offset) |
+              PyDict_SetItem(rec, k_contiguous_, t.is_contiguous() ? Py_True : Py_False);
+    Py_DECREF(shape);
+    Py_DECREF(stride);
+    Py_XDECREF(offset);
+    if (err) throw py::error_already_set();
+  }
+
+  CpuStatsFn stats_;
+  ChecksumFn checksum_;
+  double* chunk_ = nullptr;
+  int64_t rows_ = 0, next_ = 0;
+  std::unordered_map<c10::TensorImpl*, CpuSeen> seen_;
+  std::unordered_map<int, PyObject*> dtype_names_;
+  PyObject *k_key_, *k_alias_, *k_stats_only_, *k_shape_, *k_dtype_, *k_device_, *k_stride_, *k_offset_,
+      *k_contiguous_, *cpu_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -801,6 +1025,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("detach", &Recorder::detach)
       .def("enter", &Recorder::enter)
       .def("leave", &Recorder::leave);
+  py::class_<CpuRecords>(m, "CpuRecords")
+      .def(py::init<int64_t, int64_t>())
+      .def("set_chunk", &CpuRecords::set_chunk)
+      .def("emit", &CpuRecords::emit)
+      .def("forget", &CpuRecords::forget)
+      .def("__len__", &CpuRecords::size);
   py::class_<Block>(m, "Block")
       .def("__len__", &Block::size)
       .def("records", &Block::records)

@@ -65,3 +65,18 @@ def recorder(capacity: int, accept_cpu: bool = False):
 
     address = ctypes.cast(launch, ctypes.c_void_p).value if launch is not None else 0
     return ext.Recorder(address, capacity, flatten_tensors, accept_cpu)
+
+
+def cpu_records():
+    """A CpuRecords (fast_records.cpp) over the native stats pass of cpu_stats.c, or None where the
+    extension or the stats library cannot be built (the session's Python path does the work)."""
+    from tensordiff.probes import cpu_stats
+
+    lib = cpu_stats._library()
+    if lib is None:
+        return None
+    ext = _load()
+    if ext is None:
+        return None
+    address = lambda fn: ctypes.cast(fn, ctypes.c_void_p).value  # noqa: E731
+    return ext.CpuRecords(address(lib.td_cpu_stats), address(lib.td_checksum))
