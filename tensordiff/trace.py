@@ -162,6 +162,7 @@ class TraceWriter:
         self._queue: queue.Queue = queue.Queue()
         self._ring = None       # probes/staging.Ring lent to this writer (CPU copies), once asked for
         self._staged_upto = 0   # ring offset up to which the bytes are in the blob's pending list
+        self._scratch: list = []  # native records of a synchronous writer, before they are written
         self._batch: list = []  # (record, snap, nbytes; -1: a native record and its stats row) not yet handed to the writer's thread
         self._batch_bytes = 0
         self._batch_since = 0.0
@@ -201,18 +202,24 @@ class TraceWriter:
         if len(self._batch) >= 64 or self._batch_bytes >= 8 << 20 or time.monotonic() - self._batch_since > 0.1:
             self.hand_over()
 
-    def write_native(self, record: dict, stats) -> None:
-        """Queue a record completed by probes/session's native CPU path: its layout (and alias) are in
-        ``record`` already; ``stats`` is its float64 [9] row, or None for an alias."""
+    def native_batch(self) -> list:
+        """The list the native CPU records (probes/fast_records.cpp CpuRecords) append to: (record with
+        its layout and alias, (stats chunk, row) or None for an alias, -1) each. Call ``native_added``
+        after appending."""
         if self._error is not None:
             raise self._error
         if self.synchronous:
-            self._write_native(record, stats)
-            return
+            return self._scratch
         if not self._batch:
             self._batch_since = time.monotonic()
-        self._batch.append((record, stats, -1))
-        if len(self._batch) >= 64 or time.monotonic() - self._batch_since > 0.1:
+        return self._batch
+
+    def native_added(self) -> None:
+        if self.synchronous:  # written now: nothing acknowledged may wait in a list
+            items, self._scratch = self._scratch, []
+            for record, stats, _ in items:
+                self._write_native(record, stats)
+        elif len(self._batch) >= 64 or time.monotonic() - self._batch_since > 0.1:
             self.hand_over()
 
     @property
@@ -406,6 +413,7 @@ class TraceWriter:
             stats = self._stats_by_seq[original]
         else:
             record["has_data"] = False
+            stats = stats[0][stats[1], :9]  # (chunk, row)
         self._append(seq, record, stats)
 
     def _amend_batch(self, items: list) -> None:

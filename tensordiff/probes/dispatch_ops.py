@@ -125,25 +125,19 @@ class OpRecorder(Observer):
         self.session = session
 
     def on_op_start(self, op: TraceOp, args, kwargs) -> None:
-        save = False if op.is_view else None
-        for slot, item in enumerate(op_tensors(args, kwargs)):
-            self.session.emit({**op.base, "key": f"{op.prefix}/in.{slot}", "slot": f"in.{slot}"}, item,
-                              save_data=save)
+        tensors = op_tensors(args, kwargs)
+        if tensors:
+            self.session.emit_op(op.base, op.prefix, "in", tensors, save_data=False if op.is_view else None)
 
     def on_op(self, op: TraceOp, args, kwargs, out) -> None:
         save = False if op.is_view else None
-        if isinstance(out, torch.Tensor) and allocates_uninitialized(op.base["op"]):
-            self.session.mark_uninitialized(out)
-        if isinstance(out, torch.Tensor):  # most ops: one output, no observer extras
-            rec = {**op.base, "key": f"{op.prefix}/out.0", "slot": "out.0"}
-            if op.extra:
-                rec.update(op.extra.get(0, {}))
+        if isinstance(out, torch.Tensor):  # most ops: one output
+            if allocates_uninitialized(op.base["op"]):
+                self.session.mark_uninitialized(out)
             base = args[0] if op.is_view and args and isinstance(args[0], torch.Tensor) else None
-            self.session.emit(rec, out, save_data=save, same_as=base)
+            self.session.emit_op(op.base, op.prefix, "out", [out], save_data=save, same_as=base, extra=op.extra)
             return
-        for i, item in enumerate(output_tensors(out)):
-            rec = {**op.base, "key": f"{op.prefix}/out.{i}", "slot": f"out.{i}", **op.extra.get(i, {})}
-            self.session.emit(rec, item, save_data=save)
+        self.session.emit_op(op.base, op.prefix, "out", output_tensors(out), save_data=save, extra=op.extra)
 
 
 class OpProbe(TorchDispatchMode):

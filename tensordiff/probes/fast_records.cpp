@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <stdexcept>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -835,9 +836,12 @@ bool dense(const at::Tensor& t) {
 
 class CpuRecords {
  public:
-  CpuRecords(int64_t stats_fn, int64_t checksum_fn)
-      : stats_(reinterpret_cast<CpuStatsFn>(stats_fn)), checksum_(reinterpret_cast<ChecksumFn>(checksum_fn)) {
+  CpuRecords(int64_t stats_fn, int64_t checksum_fn, py::object new_chunk)
+      : stats_(reinterpret_cast<CpuStatsFn>(stats_fn)), checksum_(reinterpret_cast<ChecksumFn>(checksum_fn)),
+        new_chunk_(std::move(new_chunk)) {
+    minus_one_ = PyLong_FromLong(-1);
     k_key_ = PyUnicode_InternFromString("key");
+    k_slot_ = PyUnicode_InternFromString("slot");
     k_alias_ = PyUnicode_InternFromString("alias_of");
     k_stats_only_ = PyUnicode_InternFromString("stats_only");
     k_shape_ = PyUnicode_InternFromString("shape");
@@ -850,7 +854,11 @@ class CpuRecords {
   }
   ~CpuRecords() {
     forget();
-    for (PyObject* o : {k_key_, k_alias_, k_stats_only_, k_shape_, k_dtype_, k_device_, k_stride_, k_offset_,
+    for (auto& kv : slot_names_) {
+      Py_DECREF(kv.second);
+      Py_DECREF(kv.first.first);
+    }
+    for (PyObject* o : {minus_one_, k_key_, k_slot_, k_alias_, k_stats_only_, k_shape_, k_dtype_, k_device_, k_stride_, k_offset_,
                         k_contiguous_, cpu_})
       Py_XDECREF(o);
     for (auto& kv : dtype_names_) Py_XDECREF(kv.second);
@@ -858,71 +866,47 @@ class CpuRecords {
   CpuRecords(const CpuRecords&) = delete;
   CpuRecords& operator=(const CpuRecords&) = delete;
 
-  // The float64 [rows, 10] chunk new records' stats go into (9 stats, then the checksum's bits).
-  void set_chunk(int64_t address, int64_t rows) {
-    chunk_ = reinterpret_cast<double*>(address);
-    rows_ = rows;
-    next_ = 0;
+  // One record of a tensor whose data is not kept: when this path handles it (a dense CPU float
+  // tensor), its layout (and alias) go into `record` and (record, (chunk, row) or None for an alias,
+  // -1) is appended to `batch`, the writer's list (TraceWriter.native_batch); returns false otherwise.
+  bool emit(py::handle record, py::handle tensor, py::handle same_as, py::handle batch) {
+    PyObject* stats = emit_one(record.ptr(), tensor.ptr(), same_as.ptr());
+    if (stats == nullptr) return false;
+    append(batch.ptr(), record.ptr(), stats);
+    return true;
   }
 
-  // One record of a tensor whose data is not kept. Returns its row in the chunk (a new record),
-  // -1 (an alias: record["alias_of"] set), -2 (not a tensor this path handles: the Python path
-  // records it), -3 (the chunk is full: set_chunk, then call again).
-  int64_t emit(py::handle record, py::handle tensor, py::handle same_as) {
-    if (!THPVariable_Check(tensor.ptr())) return -2;
-    const at::Tensor& t = THPVariable_Unpack(tensor.ptr());
-    if (!t.is_cpu() || t.layout() != at::kStrided || t.numel() == 0) return -2;
-    int code = cpu_stats_code(t.scalar_type());
-    if (code < 0 || !dense(t)) return -2;
-    if (next_ >= rows_) return -3;
-    c10::TensorImpl* impl = t.unsafeGetTensorImpl();
-    bool versioned = true;
-    uint32_t version = 0;
-    try {
-      version = impl->version_counter().current_version();
-    } catch (const c10::Error&) {
-      versioned = false;  // an inference tensor has no version counter: never an alias
-    }
-    PyObject* rec = record.ptr();
-    if (versioned) {
-      // captured before and unchanged since (session._already_captured)
-      auto it = seen_.find(impl);
-      if (it != seen_.end() && it->second.version == version && !it->second.impl.expired() &&
-          checksum(t) == it->second.checksum) {
-        if (PyDict_SetItem(rec, k_alias_, it->second.key)) throw py::error_already_set();
-        set_layout(rec, t);
-        return -1;
-      }
-      // a view op's output holding exactly its input's elements (session._same_elements_as)
-      if (!same_as.is_none() && THPVariable_Check(same_as.ptr())) {
-        const at::Tensor& base = THPVariable_Unpack(same_as.ptr());
-        auto b = seen_.find(base.unsafeGetTensorImpl());
-        if (b != seen_.end() && !b->second.impl.expired() && base_version(base) == (int64_t)b->second.version &&
-            base.scalar_type() == t.scalar_type() && base.numel() == t.numel() && base.data_ptr() == t.data_ptr() &&
-            base.layout() == at::kStrided && dense(base)) {
-          if (!(t.is_contiguous() && base.is_contiguous()) && PyDict_SetItem(rec, k_stats_only_, Py_True))
-            throw py::error_already_set();  // the original's bytes are not in this order
-          if (PyDict_SetItem(rec, k_alias_, b->second.key)) throw py::error_already_set();
-          remember(impl, version, b->second.key, b->second.checksum);
-          set_layout(rec, t);
-          return -1;
-        }
-      }
-    }
-    double* out = chunk_ + 10 * next_;
-    if (stats_(t.data_ptr(), t.numel(), code, out) != 0) return -2;
-    uint64_t sum;
-    std::memcpy(&sum, out + 9, 8);
-    if (versioned) {
-      PyObject* key = PyDict_GetItemWithError(rec, k_key_);  // borrowed
-      if (key == nullptr) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_KeyError, "key");
+  // The records of one op's tensors from index `start` on (session.emit_op): each a copy of `base`
+  // with key "<prefix>/<kind>.<i>" and slot "<kind>.<i>", emitted as emit() does (`same_as` applies
+  // to the first). Stops at the first tensor this path does not take and returns its index (the
+  // caller records it and calls again after it, which keeps the records in order); -1 when done.
+  int64_t emit_op(py::handle base, py::handle prefix, py::handle kind, py::handle tensors, int64_t start,
+                  py::handle same_as, py::handle batch) {
+    PyObject* seq = tensors.ptr();
+    if (!PyList_Check(seq)) throw py::type_error("emit_op: tensors must be a list");
+    for (Py_ssize_t i = start; i < PyList_GET_SIZE(seq); ++i) {
+      PyObject* t = PyList_GET_ITEM(seq, i);
+      if (!takes(t)) return i;
+      PyObject* slot = slot_name(kind.ptr(), i);
+      PyObject* rec = PyDict_Copy(base.ptr());
+      PyObject* key = rec ? PyUnicode_FromFormat("%U/%U", prefix.ptr(), slot) : nullptr;
+      if (key == nullptr || PyDict_SetItem(rec, k_key_, key) || PyDict_SetItem(rec, k_slot_, slot)) {
+        Py_XDECREF(key);
+        Py_XDECREF(rec);
         throw py::error_already_set();
       }
-      remember(impl, version, key, sum);
+      Py_DECREF(key);
+      try {
+        PyObject* stats = emit_one(rec, t, i == 0 ? same_as.ptr() : Py_None);
+        if (stats == nullptr) throw std::logic_error("emit_op: a tensor takes() accepted was refused");
+        append(batch.ptr(), rec, stats);
+      } catch (...) {
+        Py_DECREF(rec);
+        throw;
+      }
+      Py_DECREF(rec);
     }
-    set_layout(rec, t);
-    return next_++;
+    return -1;
   }
 
   // Forget tensor identities (the session's capture is over).
@@ -934,6 +918,107 @@ class CpuRecords {
   int64_t size() const { return (int64_t)seen_.size(); }
 
  private:
+  // emit()'s work: the stats item for the writer (a new reference: (chunk, row), or None for an
+  // alias), or nullptr where this path does not take the tensor.
+  // A dense CPU float tensor: the tensors this path records.
+  static bool takes(PyObject* tensor) {
+    if (!THPVariable_Check(tensor)) return false;
+    const at::Tensor& t = THPVariable_Unpack(tensor);
+    return t.is_cpu() && t.layout() == at::kStrided && t.numel() > 0 && cpu_stats_code(t.scalar_type()) >= 0 &&
+           dense(t);
+  }
+
+  PyObject* emit_one(PyObject* rec, PyObject* tensor, PyObject* same_as) {
+    if (!takes(tensor)) return nullptr;
+    const at::Tensor& t = THPVariable_Unpack(tensor);
+    int code = cpu_stats_code(t.scalar_type());
+    c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+    bool versioned = true;
+    uint32_t version = 0;
+    try {
+      version = impl->version_counter().current_version();
+    } catch (const c10::Error&) {
+      versioned = false;  // an inference tensor has no version counter: never an alias
+    }
+    if (versioned) {
+      // captured before and unchanged since (session._already_captured)
+      auto it = seen_.find(impl);
+      if (it != seen_.end() && it->second.version == version && !it->second.impl.expired() &&
+          checksum(t) == it->second.checksum) {
+        if (PyDict_SetItem(rec, k_alias_, it->second.key)) throw py::error_already_set();
+        set_layout(rec, t);
+        Py_RETURN_NONE;
+      }
+      // a view op's output holding exactly its input's elements (session._same_elements_as)
+      if (same_as != Py_None && THPVariable_Check(same_as)) {
+        const at::Tensor& base = THPVariable_Unpack(same_as);
+        auto b = seen_.find(base.unsafeGetTensorImpl());
+        if (b != seen_.end() && !b->second.impl.expired() && base_version(base) == (int64_t)b->second.version &&
+            base.scalar_type() == t.scalar_type() && base.numel() == t.numel() && base.data_ptr() == t.data_ptr() &&
+            base.layout() == at::kStrided && dense(base)) {
+          if (!(t.is_contiguous() && base.is_contiguous()) && PyDict_SetItem(rec, k_stats_only_, Py_True))
+            throw py::error_already_set();  // the original's bytes are not in this order
+          if (PyDict_SetItem(rec, k_alias_, b->second.key)) throw py::error_already_set();
+          PyObject* key = b->second.key;  // (remember() may rehash the table under b)
+          remember(impl, version, key, b->second.checksum);
+          set_layout(rec, t);
+          Py_RETURN_NONE;
+        }
+      }
+    }
+    if (next_ >= rows_) new_chunk();
+    double* out = chunk_ + 10 * next_;
+    if (stats_(t.data_ptr(), t.numel(), code, out) != 0) return nullptr;
+    uint64_t sum;
+    std::memcpy(&sum, out + 9, 8);
+    if (versioned) {
+      PyObject* key = PyDict_GetItemWithError(rec, k_key_);  // borrowed
+      if (key == nullptr) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_KeyError, "key");
+        throw py::error_already_set();
+      }
+      remember(impl, version, key, sum);
+    }
+    set_layout(rec, t);
+    PyObject* row = PyLong_FromLongLong(next_++);
+    PyObject* item = row ? PyTuple_Pack(2, chunk_obj_.ptr(), row) : nullptr;
+    Py_XDECREF(row);
+    if (item == nullptr) throw py::error_already_set();
+    return item;
+  }
+
+  // Appends (record, stats item, -1) to the batch; steals the stats item.
+  void append(PyObject* batch, PyObject* rec, PyObject* stats) {
+    PyObject* triple = PyTuple_Pack(3, rec, stats, minus_one_);
+    Py_DECREF(stats);
+    int err = triple ? PyList_Append(batch, triple) : -1;
+    Py_XDECREF(triple);
+    if (err) throw py::error_already_set();
+  }
+
+  // A fresh float64 [rows, 10] chunk from Python (never reused: queued records point into it).
+  void new_chunk() {
+    py::object chunk = new_chunk_();
+    Py_buffer view;
+    if (PyObject_GetBuffer(chunk.ptr(), &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) != 0) throw py::error_already_set();
+    chunk_ = static_cast<double*>(view.buf);
+    rows_ = view.len / (10 * (Py_ssize_t)sizeof(double));
+    PyBuffer_Release(&view);  // chunk_obj_ keeps the memory
+    chunk_obj_ = std::move(chunk);
+    next_ = 0;
+  }
+
+  PyObject* slot_name(PyObject* kind, Py_ssize_t i) {  // "in.0", made once
+    auto key = std::make_pair(kind, i);
+    auto it = slot_names_.find(key);
+    if (it != slot_names_.end()) return it->second;
+    PyObject* name = PyUnicode_FromFormat("%U.%zd", kind, i);
+    if (name == nullptr) throw py::error_already_set();
+    Py_INCREF(kind);  // the key's address must stay that string's
+    slot_names_.emplace(key, name);
+    return name;
+  }
+
   static int64_t base_version(const at::Tensor& t) {
     try {
       return t.unsafeGetTensorImpl()->version_counter().current_version();
@@ -999,11 +1084,20 @@ class CpuRecords {
 
   CpuStatsFn stats_;
   ChecksumFn checksum_;
+  py::object new_chunk_;
+  py::object chunk_obj_;
   double* chunk_ = nullptr;
   int64_t rows_ = 0, next_ = 0;
+  struct PairHash {
+    size_t operator()(const std::pair<PyObject*, Py_ssize_t>& k) const {
+      return std::hash<void*>()(k.first) ^ ((size_t)k.second * 1000003u);
+    }
+  };
+  std::unordered_map<std::pair<PyObject*, Py_ssize_t>, PyObject*, PairHash> slot_names_;
+  PyObject* minus_one_;
   std::unordered_map<c10::TensorImpl*, CpuSeen> seen_;
   std::unordered_map<int, PyObject*> dtype_names_;
-  PyObject *k_key_, *k_alias_, *k_stats_only_, *k_shape_, *k_dtype_, *k_device_, *k_stride_, *k_offset_,
+  PyObject *k_key_, *k_slot_, *k_alias_, *k_stats_only_, *k_shape_, *k_dtype_, *k_device_, *k_stride_, *k_offset_,
       *k_contiguous_, *cpu_;
 };
 
@@ -1026,9 +1120,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("enter", &Recorder::enter)
       .def("leave", &Recorder::leave);
   py::class_<CpuRecords>(m, "CpuRecords")
-      .def(py::init<int64_t, int64_t>())
-      .def("set_chunk", &CpuRecords::set_chunk)
+      .def(py::init<int64_t, int64_t, py::object>())
       .def("emit", &CpuRecords::emit)
+      .def("emit_op", &CpuRecords::emit_op)
       .def("forget", &CpuRecords::forget)
       .def("__len__", &CpuRecords::size);
   py::class_<Block>(m, "Block")

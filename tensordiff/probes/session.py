@@ -39,9 +39,6 @@ def _fingerprint(t: torch.Tensor) -> float | int | None:
         return float(torch.sum(d, dtype=torch.float64))
 
 
-CHUNK_ROWS = 512  # stats rows per chunk of native records
-
-
 class CaptureSession:
     """Names records, keeps the module scope stack and sends snapshots to the trace writer."""
 
@@ -66,7 +63,6 @@ class CaptureSession:
         self._uninit: dict = {}  # id(tensor) -> (weakref, version at allocation): never-written memory
         self._ring = None  # the writer's staging ring for CPU copies (False: it has none)
         self._records = 0  # records of the general path (records: with the fast path's)
-        self.last_record: dict | None = None
         self._seen: dict = {}  # id(tensor) -> (weakref, key, version, CPU checksum, data saved?)
         # GPU stats without a sync per tensor: one fused launch per tensor where the kernel is available
         # (exact under later in-place ops), else batched reductions; not with a synchronous writer,
@@ -89,7 +85,6 @@ class CaptureSession:
         # a tenth of the Python path's cost per record. Not while a live comparison or a kept
         # reference needs the tensors themselves.
         self.native = None
-        self._chunk = None  # float64 [CHUNK_ROWS, 10]: the stats rows native records point into
         if not save_data and keep is None and live is None and os.environ.get("TENSORDIFF_CPU_RECORDS") != "python":
             from tensordiff.probes import fast_records
 
@@ -223,6 +218,31 @@ class CaptureSession:
             self._ring = getattr(self.writer, "staging_ring", False)
         return self._ring or None
 
+    def emit_op(self, base: dict, prefix: str, kind: str, tensors: list, save_data: bool | None = None,
+                same_as: torch.Tensor | None = None, extra: dict | None = None) -> None:
+        """The records of one op's tensors: ``base`` fields, key ``{prefix}/{kind}.{i}``, slot
+        ``{kind}.{i}``, ``extra[i]`` fields (an observer's); ``same_as`` as in ``emit``, for the first."""
+        save = self.save_data if save_data is None else save_data
+        start = 0
+        if self.native is not None and not save and not self._uninit and not extra:
+            writer = self.writer
+            while start < len(tensors):
+                stop = self.native.emit_op(base, prefix, kind, tensors, start, same_as, writer.native_batch())
+                writer.native_added()
+                self._records += (len(tensors) if stop < 0 else stop) - start
+                if stop < 0:
+                    return
+                # a tensor the native path does not take (not a dense CPU float tensor): this one here
+                self.emit({**base, "key": f"{prefix}/{kind}.{stop}", "slot": f"{kind}.{stop}"}, tensors[stop],
+                          save_data=save_data, same_as=same_as if stop == 0 else None)
+                start = stop + 1
+            return
+        for i in range(start, len(tensors)):
+            rec = {**base, "key": f"{prefix}/{kind}.{i}", "slot": f"{kind}.{i}"}
+            if extra and i in extra:
+                rec.update(extra[i])
+            self.emit(rec, tensors[i], save_data=save_data, same_as=same_as if i == 0 else None)
+
     def emit(self, record: dict, tensor: torch.Tensor, save_data: bool | None = None,
              same_as: torch.Tensor | None = None) -> None:
         """One record. ``same_as``: the input a view op's output was made from (recorded just before
@@ -232,16 +252,12 @@ class CaptureSession:
         if self._uninit and self._is_uninitialized(tensor):
             record["uninitialized"] = True
         if self.native is not None and not save:
-            row = self.native.emit(record, tensor, same_as)
-            if row == -3:  # its chunk is full
-                self._chunk = np.empty((CHUNK_ROWS, 10), np.float64)
-                self.native.set_chunk(self._chunk.ctypes.data, CHUNK_ROWS)
-                row = self.native.emit(record, tensor, same_as)
-            if row != -2:  # -2: not a dense CPU float tensor; the Python path below takes it
-                self.writer.write_native(record, None if row == -1 else self._chunk[row, :9])
+            writer = self.writer
+            if self.native.emit(record, tensor, same_as, writer.native_batch()):
+                writer.native_added()
                 self._records += 1
-                self.last_record = record
                 return
+            # (not a dense CPU float tensor: the Python path below takes it)
         original = self._already_captured(tensor, save)
         if original is None and same_as is not None and not save:
             seen = self._same_elements_as(tensor, same_as)
@@ -271,4 +287,3 @@ class CaptureSession:
         else:
             self.writer.write(record, snap)  # queued: the writer's thread does the work
         self._records += 1
-        self.last_record = record
