@@ -115,7 +115,8 @@ def capture(model: torch.nn.Module, inputs, path, level: str = "module", save: s
         if replay_model is not None:
             replayer = Replayer(replay_model, device=_device_of(replay_model), **({"budget": budget} if budget else {}))
         session = CaptureSession(writer, save_data=(save == "full" and live is None), module_filter=module_filter,
-                                 replayer=replayer, fast_gpu_stats=(level == "module"), keep=keep, live=live)
+                                 replayer=replayer, fast_gpu_stats=(level == "module"), keep=keep, live=live,
+                                 native_cpu=(level != "module" and _device_of(model).type == "cpu"))
         session.save_beyond = live is not None and save == "full"
         with contextlib.ExitStack() as stack:
             probe = stack.enter_context(ModuleProbe(model, session, backward=backward,

@@ -54,7 +54,7 @@ def test_raw_pointer_write_is_not_an_alias_and_odd_tensors_keep_their_order(tmp_
     ids = torch.arange(6)                  # an integer tensor: the Python path takes it
     grid = torch.randn(8, 8)
     with TraceWriter(tmp_path / "a.h5", {}) as w:
-        s = CaptureSession(w, save_data=False)
+        s = CaptureSession(w, save_data=False, native_cpu=True)
         assert s.native is not None
         base = {"kind": "op", "direction": "forward", "module": "m", "scope": "m/forward#0", "call": 0,
                 "op": "aten::x", "op_index": 0, "source": ""}

@@ -43,7 +43,7 @@ class CaptureSession:
     """Names records, keeps the module scope stack and sends snapshots to the trace writer."""
 
     def __init__(self, writer, save_data: bool = True, module_filter: str | None = None, replayer=None,
-                 fast_gpu_stats: bool = False, keep=None, live=None):
+                 fast_gpu_stats: bool = False, keep=None, live=None, native_cpu: bool = False):
         self.writer = writer
         # observers/live_compare: the reference's capture keeps its module records (``keep``); an
         # in-process target's measures each of its records against them as it is made (``live``)
@@ -82,10 +82,12 @@ class CaptureSession:
                 and torch.cuda.is_available():
             self.fast = fast_module_stats.choose(writer, self.emit_general)
         # CPU records that keep only stats: made in C++ (fast_records.cpp CpuRecords) where it builds,
-        # a tenth of the Python path's cost per record. Not while a live comparison or a kept
-        # reference needs the tensors themselves.
+        # a tenth of the Python path's cost per record. Asked for by op-level captures (``native_cpu``),
+        # where records are many: a module-level one does not wait for the extension's first build.
+        # Not while a live comparison or a kept reference needs the tensors themselves.
         self.native = None
-        if not save_data and keep is None and live is None and os.environ.get("TENSORDIFF_CPU_RECORDS") != "python":
+        if native_cpu and not save_data and keep is None and live is None \
+                and os.environ.get("TENSORDIFF_CPU_RECORDS") != "python":
             from tensordiff.probes import fast_records
 
             self.native = fast_records.cpu_records()
