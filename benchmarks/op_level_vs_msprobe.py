@@ -13,6 +13,7 @@ forward, module+op full <= 8x, forward + backward module+op full <= 10x.
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -138,11 +139,14 @@ def worker(index: int, seq_len: int, rounds: int) -> dict:
         return _ms_capture(model, inputs, level, what, backward, work)
 
     plains, captures = [], []
-    _plain(model, inputs, backward)
-    run_once(0)  # warm-up: first-use costs
-    for i in range(rounds):
-        plains.append(_plain(model, inputs, backward))
-        captures.append(run_once(i + 1))
+    try:
+        _plain(model, inputs, backward)
+        run_once(0)  # warm-up: first-use costs
+        for i in range(rounds):
+            plains.append(_plain(model, inputs, backward))
+            captures.append(run_once(i + 1))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # msprobe's tensor dumps: 1.5 GB a configuration
     plain, cap = statistics.median(plains), statistics.median(captures)
     return {"name": name, "plain_s": round(plain, 4), "capture_s": round(cap, 4), "x_plain": round(cap / plain, 2)}
 

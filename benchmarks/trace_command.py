@@ -8,6 +8,7 @@ target capture with replay <= 5x its plain forward, peak host RSS <= 6 GB, verdi
 """
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ def main(argv: list[str]) -> int:
                       "verdict": summary.get("verdict"), "culprit": (summary.get("culprit") or {}).get("module"),
                       "notes": summary.get("notes"), "timing": timing,
                       "trace_gb": round(sum(p.stat().st_size for p in out.glob("*.h5")) / 1e9, 2)}, indent=1))
+    shutil.rmtree(out, ignore_errors=True)  # traces of a 0.5B model run to GBs
     return 0
 
 
