@@ -364,8 +364,10 @@ class TraceWriter:
                 else:
                     self._write_now(item[0], item[1])
                 # Index rows are committed in batches (each h5py call holds the GIL the model's thread
-                # needs): every 256 records or 0.2 s, whichever comes first, and at close.
-                if len(self._rows_pending) >= 256 or time.monotonic() - self._last_commit > 0.2 \
+                # needs): every 256 records or 0.2 s, whichever comes first, and at close; every 4096
+                # while more batches wait (the queue after a traced run: each commit flushes the file)
+                if len(self._rows_pending) >= (4096 if self._queue.qsize() else 256) \
+                        or time.monotonic() - self._last_commit > 0.2 \
                         or self._blob_end - self._blob_written > 64 << 20 \
                         or (self._ring is not None and self._staged_upto - self._ring.tail > self._ring.size // 2):
                     self._commit()
