@@ -204,8 +204,9 @@ class TraceWriter:
 
     def native_batch(self) -> list:
         """The list the native CPU records (probes/fast_records.cpp CpuRecords) append to: (record with
-        its layout and alias, (stats chunk, row) or None for an alias, -1) each. Call ``native_added``
-        after appending."""
+        its layout and alias, (stats chunk, row) or None for an alias, -1) each, or ((the row's JSON
+        text without its closing brace, key, alias or None, stats_only), stats as before, -2). Call
+        ``native_added`` after appending."""
         if self._error is not None:
             raise self._error
         if self.synchronous:
@@ -217,8 +218,8 @@ class TraceWriter:
     def native_added(self) -> None:
         if self.synchronous:  # written now: nothing acknowledged may wait in a list
             items, self._scratch = self._scratch, []
-            for record, stats, _ in items:
-                self._write_native(record, stats)
+            for record, stats, n in items:
+                self._write_native(record, stats) if n == -1 else self._write_native_text(record, stats)
         elif len(self._batch) >= 64 or time.monotonic() - self._batch_since > 0.1:
             self.hand_over()
 
@@ -350,7 +351,9 @@ class TraceWriter:
                             and self._pending_bytes == 0:
                         self.quiet.wait(0.05)
                     for record, snap, n in item[0][1]:
-                        if n < 0:
+                        if n == -2:
+                            self._write_native_text(record, snap)
+                        elif n == -1:
                             self._write_native(record, snap)
                         else:
                             self._write_now(record, snap)
@@ -498,6 +501,28 @@ class TraceWriter:
                 rec["has_data"] = False
                 self._append(self.count, rec, stats[row])
         if len(self._rows_pending) >= 256:
+            self._commit()
+
+    def _write_native_text(self, row: tuple, stats) -> None:
+        """_write_native for a row made as JSON text (the fields of the dict it would have had, in
+        its order): only seq and has_data are added here."""
+        text, key, alias, stats_only = row
+        seq = self.count
+        has_data = False
+        if alias is not None:
+            original = self._seq_of[alias]
+            stats = self._stats_by_seq[original]
+            if self._has_data_by_seq[original]:  # as _write_now: the flag goes where bytes are shared
+                has_data = not stats_only
+                text = text.replace(',"stats_only":true', "", 1)
+        else:
+            stats = stats[0][stats[1], :9]  # (chunk, row)
+        self._rows_pending.append((f'{text},"seq":{seq},"has_data":{"true" if has_data else "false"}}}', stats))
+        self._stats_by_seq[seq] = stats
+        self._has_data_by_seq[seq] = has_data
+        self._seq_of[key] = seq
+        self.count = seq + 1
+        if self.synchronous:
             self._commit()
 
     def _append(self, seq: int, row: dict, stats) -> None:

@@ -79,3 +79,69 @@ def test_raw_pointer_write_is_not_an_alias_and_odd_tensors_keep_their_order(tmp_
     transposed = rows["m/forward#0/op0003.t/out.0"]
     assert transposed["alias_of"] == "m/forward#0/op0000.x/in.3" and transposed["stats_only"]
     assert transposed["stride"] == [1, 8] and transposed["mean"] == pytest.approx(float(grid.mean()), rel=1e-6)
+
+
+class _Odd(torch.nn.Module):
+    """Ops that take the C++ op handler's side roads: an uninitialised allocation (handed back to
+    the Python handler), outputs in a tuple and a list, integer and boolean tensors, views with gaps,
+    keyword arguments, and a module name that needs escaping in JSON."""
+
+    def __init__(self):
+        super().__init__()
+        self.parts = torch.nn.ModuleDict({'q"\\é': torch.nn.Linear(16, 16)})
+
+    def forward(self, x):
+        h = self.parts['q"\\é'](x)
+        buf = torch.empty(h.shape[0], 16)   # aten::empty: values mean nothing until written
+        buf.copy_(h)
+        top, idx = torch.topk(buf, 3, dim=-1)
+        first, second = torch.split(h, 8, dim=-1)
+        mask = idx > 4
+        gaps = h[:, ::2]                      # a view with gaps
+        total = torch.sum(gaps * 2, dim=1, keepdim=True) + mask.sum() + top.sum()
+        zeros = torch.zeros(3, dtype=torch.float64)  # (keyword arguments)
+        return total + first.mean() + second.t().mean() + zeros.sum()
+
+
+def _capture_with(monkeypatch, model, x, path, mode):
+    for name in ("TENSORDIFF_CPU_RECORDS", "TENSORDIFF_OP_HANDLER"):
+        monkeypatch.delenv(name, raising=False)
+    if mode == "python":
+        monkeypatch.setenv("TENSORDIFF_CPU_RECORDS", "python")
+    elif mode == "records":
+        monkeypatch.setenv("TENSORDIFF_OP_HANDLER", "python")
+    tensordiff.capture(model, (x,), path, level="both", save="stats")
+    return _rows_and_stats(path)
+
+
+def test_cpp_op_handler_equals_the_python_handler_on_odd_ops(tmp_path, monkeypatch):
+    from tensordiff.probes.dispatch_ops import OpProbe
+
+    torch.manual_seed(0)
+    model, x = _Odd(), torch.randn(32, 16)
+    with TraceWriter(tmp_path / "probe.h5", {}) as w:  # the C++ handler is the one chosen here
+        assert OpProbe(CaptureSession(w, save_data=False, native_cpu=True)).native is not None
+    results = {mode: _capture_with(monkeypatch, model, x, tmp_path / f"{mode}.h5", mode)
+               for mode in ("handler", "records", "python")}
+    rows, stats = results["handler"]
+    ops = {r["op"] for r in rows if r["kind"] == "op"}
+    assert {"aten::empty.memory_format", "aten::topk", "aten::split.Tensor", "aten::gt.Scalar",
+            "aten::zeros"} <= ops
+    for mode in ("records", "python"):
+        other_rows, other_stats = results[mode]
+        assert len(rows) == len(other_rows) > 40
+        for row, other in zip(rows, other_rows):
+            assert list(row.items()) == list(other.items()), mode
+        written = [i for i, r in enumerate(rows) if not r.get("uninitialized")]  # (not garbage from empty())
+        assert len(written) < len(rows)
+        np.testing.assert_array_equal(stats[written], other_stats[written])
+    by_key = {r["key"]: r for r in rows}
+    this_file = __file__
+    topk = [r for r in rows if r["op"] == "aten::topk" and r["slot"] == "out.1"][0]
+    assert topk["dtype"] == "int64" and topk["source"].startswith(f"{this_file}:")
+    line = int(topk["source"][len(this_file) + 1:].split(" ")[0])
+    assert "torch.topk" in open(this_file).read().splitlines()[line - 1]
+    assert any(k.startswith('parts.q"\\é/forward#0/op') for k in by_key)
+    gaps = [r for r in rows if r["op"] == "aten::slice.Tensor" and r["slot"] == "out.0"][-1]
+    assert gaps["stride"] == [16, 2] and not gaps["contiguous"]
+    assert stats[list(by_key).index(gaps["key"]), 1] == pytest.approx(float(model.parts['q"\\é'](x)[:, ::2].max()))

@@ -13,6 +13,9 @@ their data: about 40% of ops are views, and their data is captured anyway where 
 """
 from __future__ import annotations
 
+import os
+from types import MethodType
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -41,7 +44,7 @@ def op_short_name(func) -> str:
 _FUNC_INFO: dict = {}  # func -> (name, short name, is a view, ignored): func.name() costs ~1 us a call
 
 
-def _func_info(func) -> tuple:
+def func_info(func) -> tuple:
     info = _FUNC_INFO.get(func)
     if info is None:
         name = func.name()
@@ -153,11 +156,33 @@ class OpProbe(TorchDispatchMode):
         self.observers = observers
         self._early = [o for o in observers if o.needs.inputs_before]
         self._call_of: dict = {}  # scope -> its call number
+        # The whole handler in C++ (fast_records.cpp OpHandler) where every record goes to the
+        # session's CpuRecords: the recorder is the only observer, nothing keeps data, no crash
+        # breadcrumbs, and the writer has a thread. It hands back to the Python handler below what
+        # it does not cover. TENSORDIFF_OP_HANDLER=python keeps the Python handler.
+        self.native = None
+        if session.native is not None and len(observers) == 1 and type(observers[0]) is OpRecorder \
+                and not session.save_data and session._progress_fd is None \
+                and not getattr(session.writer, "synchronous", True) \
+                and os.environ.get("TENSORDIFF_OP_HANDLER") != "python":
+            from tensordiff.probes import fast_records
+
+            python_handler = type(self).__torch_dispatch__.__get__(self, type(self))
+            self.native = fast_records.op_handler(session, python_handler, self._call_of)
+            if self.native is not None:  # (torch asks for a method bound to the mode)
+                self.__torch_dispatch__ = MethodType(self.native, self)
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        # the handler holds this probe (its fallback) and the session: a cycle otherwise left to
+        # the garbage collector, with the capture's identity table and stats chunks in it
+        self.__dict__.pop("__torch_dispatch__", None)
+        self.native = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         session = self.session
-        name, short, is_view, ignored = _func_info(func)
+        name, short, is_view, ignored = func_info(func)
         if session.busy or ignored:
             return func(*args, **kwargs)
         module, scope = session.current_scope()

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <ctime>
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
@@ -230,6 +231,66 @@ Tables& tables() {
 // Raised as a Python exception by the callers (pybind11 or Probed's vectorcall).
 struct PythonError {};
 
+// The source line ('file.py:LINE in func') of the innermost Python frame whose code is not skipped
+// (torch, tensordiff's probes) as a string id of tables().strings, or -1. Cached per (code object,
+// instruction): a call site costs one frame walk and its string is made once.
+int32_t source_string_id(PyObject* is_skipped, int max_depth = 64) {
+  Tables& tab = tables();
+  PyFrameObject* frame = PyEval_GetFrame();  // borrowed
+  Py_XINCREF(frame);
+  for (int i = 0; frame != nullptr && i < max_depth; ++i) {
+    PyCodeObject* code = PyFrame_GetCode(frame);  // new reference
+    auto it = tab.skip.find(code);
+    bool skip;
+    if (it == tab.skip.end()) {
+      PyObject* res = PyObject_CallOneArg(is_skipped, code->co_filename);
+      if (res == nullptr) {
+        Py_DECREF(code);
+        Py_DECREF(frame);
+        throw PythonError();
+      }
+      skip = PyObject_IsTrue(res) == 1;
+      Py_DECREF(res);
+      Py_INCREF(code);  // the key stays alive: its address must not be reused
+      tab.skip.emplace(code, skip);
+    } else {
+      skip = it->second;
+    }
+    if (!skip) {
+#if PY_VERSION_HEX >= 0x030B0000
+      SourceKey key{code, PyFrame_GetLasti(frame)};
+#else
+      SourceKey key{code, frame->f_lasti};
+#endif
+      auto hit = tab.sources.find(key);
+      int32_t id;
+      if (hit != tab.sources.end()) {
+        id = hit->second;
+      } else {
+        PyObject* text = PyUnicode_FromFormat("%U:%d in %U", code->co_filename, PyFrame_GetLineNumber(frame),
+                                              code->co_name);
+        if (text == nullptr) {
+          Py_DECREF(code);
+          Py_DECREF(frame);
+          throw PythonError();
+        }
+        id = tab.strings.add_new(text);
+        Py_INCREF(code);
+        tab.sources.emplace(key, id);
+      }
+      Py_DECREF(code);
+      Py_DECREF(frame);
+      return id;
+    }
+    Py_DECREF(code);
+    PyFrameObject* back = PyFrame_GetBack(frame);  // new reference
+    Py_DECREF(frame);
+    frame = back;
+  }
+  Py_XDECREF(frame);
+  return -1;
+}
+
 class Recorder {
  public:
   // accept_cpu: tests only (no launcher; rows are assigned, stats stay empty).
@@ -290,55 +351,7 @@ class Recorder {
   // The source line ('file.py:LINE in func') of the innermost Python frame whose code is not skipped
   // (torch, tensordiff's probes) as a string id. Cached per (code object, instruction): a call site
   // costs one frame walk and its string is made once.
-  int32_t source_id(PyObject* is_skipped) {
-    PyFrameObject* frame = PyEval_GetFrame();  // borrowed
-    Py_XINCREF(frame);
-    for (int i = 0; frame != nullptr && i < 64; ++i) {
-      PyCodeObject* code = PyFrame_GetCode(frame);  // new reference
-      auto it = skip_.find(code);
-      bool skip;
-      if (it == skip_.end()) {
-        PyObject* res = PyObject_CallOneArg(is_skipped, code->co_filename);
-        if (res == nullptr) {
-          Py_DECREF(code);
-          Py_DECREF(frame);
-          throw PythonError();
-        }
-        skip = PyObject_IsTrue(res) == 1;
-        Py_DECREF(res);
-        Py_INCREF(code);  // the key stays alive: its address must not be reused
-        skip_.emplace(code, skip);
-      } else {
-        skip = it->second;
-      }
-      if (!skip) {
-#if PY_VERSION_HEX >= 0x030B0000
-        SourceKey key{code, PyFrame_GetLasti(frame)};
-#else
-        SourceKey key{code, frame->f_lasti};
-#endif
-        auto hit = sources_.find(key);
-        int32_t id;
-        if (hit != sources_.end()) {
-          id = hit->second;
-        } else {
-          id = strings_->add_new(PyUnicode_FromFormat("%U:%d in %U", code->co_filename,
-                                                      PyFrame_GetLineNumber(frame), code->co_name));
-          Py_INCREF(code);
-          sources_.emplace(key, id);
-        }
-        Py_DECREF(code);
-        Py_DECREF(frame);
-        return id;
-      }
-      Py_DECREF(code);
-      PyFrameObject* back = PyFrame_GetBack(frame);  // new reference
-      Py_DECREF(frame);
-      frame = back;
-    }
-    Py_XDECREF(frame);
-    return -1;
-  }
+  int32_t source_id(PyObject* is_skipped) { return source_string_id(is_skipped); }
 
   PyObject* string(int32_t id) const { return strings_->get(id); }
   int32_t intern(PyObject* s) { return strings_->intern(s); }
@@ -840,6 +853,7 @@ class CpuRecords {
       : stats_(reinterpret_cast<CpuStatsFn>(stats_fn)), checksum_(reinterpret_cast<ChecksumFn>(checksum_fn)),
         new_chunk_(std::move(new_chunk)) {
     minus_one_ = PyLong_FromLong(-1);
+    minus_two_ = PyLong_FromLong(-2);
     k_key_ = PyUnicode_InternFromString("key");
     k_slot_ = PyUnicode_InternFromString("slot");
     k_alias_ = PyUnicode_InternFromString("alias_of");
@@ -858,7 +872,7 @@ class CpuRecords {
       Py_DECREF(kv.second);
       Py_DECREF(kv.first.first);
     }
-    for (PyObject* o : {minus_one_, k_key_, k_slot_, k_alias_, k_stats_only_, k_shape_, k_dtype_, k_device_, k_stride_, k_offset_,
+    for (PyObject* o : {minus_one_, minus_two_, k_key_, k_slot_, k_alias_, k_stats_only_, k_shape_, k_dtype_, k_device_, k_stride_, k_offset_,
                         k_contiguous_, cpu_})
       Py_XDECREF(o);
     for (auto& kv : dtype_names_) Py_XDECREF(kv.second);
@@ -866,13 +880,23 @@ class CpuRecords {
   CpuRecords(const CpuRecords&) = delete;
   CpuRecords& operator=(const CpuRecords&) = delete;
 
-  // One record of a tensor whose data is not kept: when this path handles it (a dense CPU float
-  // tensor), its layout (and alias) go into `record` and (record, (chunk, row) or None for an alias,
-  // -1) is appended to `batch`, the writer's list (TraceWriter.native_batch); returns false otherwise.
-  bool emit(py::handle record, py::handle tensor, py::handle same_as, py::handle batch) {
-    PyObject* stats = emit_one(record.ptr(), tensor.ptr(), same_as.ptr());
-    if (stats == nullptr) return false;
-    append(batch.ptr(), record.ptr(), stats);
+  // One record of a tensor whose data is not kept: when this path handles it (takes(); `ops`: torch
+  // ops may run, the caller keeps the op probe from recording them), its layout (and alias) go into
+  // `record` and (record, (chunk, row) or None for an alias, -1) is appended to `batch`, the
+  // writer's list (TraceWriter.native_batch); returns false otherwise.
+  bool emit(py::handle record, py::handle tensor, py::handle same_as, py::handle batch, bool ops = false) {
+    if (!takes(tensor.ptr(), ops)) return false;
+    PyObject* key = PyDict_GetItemWithError(record.ptr(), k_key_);  // borrowed
+    if (key == nullptr) {
+      if (!PyErr_Occurred()) PyErr_SetString(PyExc_KeyError, "key");
+      throw py::error_already_set();
+    }
+    Outcome o;
+    if (!classify(tensor.ptr(), same_as.ptr(), key, o, ops)) return false;
+    py::object stats = py::reinterpret_steal<py::object>(o.stats);
+    to_dict(record.ptr(), o, THPVariable_Unpack(tensor.ptr()));
+    append(batch.ptr(), record.ptr(), stats.release().ptr(), minus_one_);
+    ++count_;
     return true;
   }
 
@@ -880,31 +904,54 @@ class CpuRecords {
   // with key "<prefix>/<kind>.<i>" and slot "<kind>.<i>", emitted as emit() does (`same_as` applies
   // to the first). Stops at the first tensor this path does not take and returns its index (the
   // caller records it and calls again after it, which keeps the records in order); -1 when done.
+  // With `text`, the writer gets each row as JSON text instead of a dict: (row, stats, -2) with row
+  // (the index row's text up to its last field, key, alias or None, stats_only) (TraceWriter
+  // _write_native_text), where `base` holds only what the text encoder writes (str, int, bool, None).
+  // `ops`: called inside the op probe's handler (its mode is off), where takes() may run torch ops.
   int64_t emit_op(py::handle base, py::handle prefix, py::handle kind, py::handle tensors, int64_t start,
-                  py::handle same_as, py::handle batch) {
+                  py::handle same_as, py::handle batch, bool text = false, bool ops = false) {
     PyObject* seq = tensors.ptr();
     if (!PyList_Check(seq)) throw py::type_error("emit_op: tensors must be a list");
+    std::string head;
+    if (text && !json_dict_fields(head, base.ptr())) text = false;  // a value the encoder does not write
     for (Py_ssize_t i = start; i < PyList_GET_SIZE(seq); ++i) {
       PyObject* t = PyList_GET_ITEM(seq, i);
-      if (!takes(t)) return i;
+      if (!takes(t, ops)) return i;
       PyObject* slot = slot_name(kind.ptr(), i);
-      PyObject* rec = PyDict_Copy(base.ptr());
-      PyObject* key = rec ? PyUnicode_FromFormat("%U/%U", prefix.ptr(), slot) : nullptr;
-      if (key == nullptr || PyDict_SetItem(rec, k_key_, key) || PyDict_SetItem(rec, k_slot_, slot)) {
-        Py_XDECREF(key);
-        Py_XDECREF(rec);
-        throw py::error_already_set();
+      py::object key = py::reinterpret_steal<py::object>(PyUnicode_FromFormat("%U/%U", prefix.ptr(), slot));
+      if (!key) throw py::error_already_set();
+      Outcome o;
+      if (!classify(t, i == 0 ? same_as.ptr() : Py_None, key.ptr(), o, ops))
+        throw std::logic_error("emit_op: a tensor takes() accepted was refused");
+      py::object stats = py::reinterpret_steal<py::object>(o.stats);
+      const at::Tensor& tensor = THPVariable_Unpack(t);
+      if (text) {
+        std::string row = head;
+        row += ",\"key\":";
+        json_str(row, key.ptr());
+        row += ",\"slot\":";
+        json_str(row, slot);
+        if (o.stats_only) row += ",\"stats_only\":true";
+        if (o.alias != nullptr) {
+          row += ",\"alias_of\":";
+          json_str(row, o.alias);
+        }
+        json_layout(row, tensor);
+        py::object row_text = py::reinterpret_steal<py::object>(PyUnicode_FromStringAndSize(row.data(), (Py_ssize_t)row.size()));
+        if (!row_text) throw py::error_already_set();
+        PyObject* payload = PyTuple_Pack(4, row_text.ptr(), key.ptr(), o.alias ? o.alias : Py_None,
+                                         o.stats_only ? Py_True : Py_False);
+        if (payload == nullptr) throw py::error_already_set();
+        append(batch.ptr(), payload, stats.release().ptr(), minus_two_);
+        Py_DECREF(payload);
+      } else {
+        py::object rec = py::reinterpret_steal<py::object>(PyDict_Copy(base.ptr()));
+        if (!rec || PyDict_SetItem(rec.ptr(), k_key_, key.ptr()) || PyDict_SetItem(rec.ptr(), k_slot_, slot))
+          throw py::error_already_set();
+        to_dict(rec.ptr(), o, tensor);
+        append(batch.ptr(), rec.ptr(), stats.release().ptr(), minus_one_);
       }
-      Py_DECREF(key);
-      try {
-        PyObject* stats = emit_one(rec, t, i == 0 ? same_as.ptr() : Py_None);
-        if (stats == nullptr) throw std::logic_error("emit_op: a tensor takes() accepted was refused");
-        append(batch.ptr(), rec, stats);
-      } catch (...) {
-        Py_DECREF(rec);
-        throw;
-      }
-      Py_DECREF(rec);
+      ++count_;
     }
     return -1;
   }
@@ -917,19 +964,35 @@ class CpuRecords {
 
   int64_t size() const { return (int64_t)seen_.size(); }
 
+  // Records made here since construction (the session's record count adds them).
+  int64_t count() const { return count_; }
+
  private:
-  // emit()'s work: the stats item for the writer (a new reference: (chunk, row), or None for an
-  // alias), or nullptr where this path does not take the tensor.
-  // A dense CPU float tensor: the tensors this path records.
-  static bool takes(PyObject* tensor) {
+  // The tensors this path records: CPU, strided, not empty, of a float dtype cpu_stats.c reads, or
+  // (with `ops`: where torch ops may run, inside the op probe's handler, whose mode is off while it
+  // runs) integers and booleans (their stats from a float64 copy, as snapshot._stats_on) and views
+  // with gaps (a contiguous copy first, as cpu_stats._native).
+  static bool takes(PyObject* tensor, bool ops) {
     if (!THPVariable_Check(tensor)) return false;
     const at::Tensor& t = THPVariable_Unpack(tensor);
-    return t.is_cpu() && t.layout() == at::kStrided && t.numel() > 0 && cpu_stats_code(t.scalar_type()) >= 0 &&
-           dense(t);
+    if (!t.is_cpu() || t.layout() != at::kStrided || t.numel() == 0) return false;
+    if (cpu_stats_code(t.scalar_type()) < 0 && !(ops && at::isIntegralType(t.scalar_type(), /*includeBool=*/true)))
+      return false;
+    return ops || dense(t);
   }
 
-  PyObject* emit_one(PyObject* rec, PyObject* tensor, PyObject* same_as) {
-    if (!takes(tensor)) return nullptr;
+  // What a record of `tensor` is: an alias of a record made before (`alias`, borrowed from the
+  // table; `stats_only` where its elements are in another order), or new stats (`stats`: a new
+  // reference to (chunk, row)); for an alias `stats` is a new reference to None. False where this
+  // path does not take the tensor. `key`: the record's key, remembered for later aliases.
+  struct Outcome {
+    PyObject* alias = nullptr;
+    bool stats_only = false;
+    PyObject* stats = nullptr;
+  };
+
+  bool classify(PyObject* tensor, PyObject* same_as, PyObject* key, Outcome& o, bool ops) {
+    if (!takes(tensor, ops)) return false;
     const at::Tensor& t = THPVariable_Unpack(tensor);
     int code = cpu_stats_code(t.scalar_type());
     c10::TensorImpl* impl = t.unsafeGetTensorImpl();
@@ -945,9 +1008,9 @@ class CpuRecords {
       auto it = seen_.find(impl);
       if (it != seen_.end() && it->second.version == version && !it->second.impl.expired() &&
           checksum(t) == it->second.checksum) {
-        if (PyDict_SetItem(rec, k_alias_, it->second.key)) throw py::error_already_set();
-        set_layout(rec, t);
-        Py_RETURN_NONE;
+        o.alias = it->second.key;
+        o.stats = Py_NewRef(Py_None);
+        return true;
       }
       // a view op's output holding exactly its input's elements (session._same_elements_as)
       if (same_as != Py_None && THPVariable_Check(same_as)) {
@@ -955,41 +1018,133 @@ class CpuRecords {
         auto b = seen_.find(base.unsafeGetTensorImpl());
         if (b != seen_.end() && !b->second.impl.expired() && base_version(base) == (int64_t)b->second.version &&
             base.scalar_type() == t.scalar_type() && base.numel() == t.numel() && base.data_ptr() == t.data_ptr() &&
-            base.layout() == at::kStrided && dense(base)) {
-          if (!(t.is_contiguous() && base.is_contiguous()) && PyDict_SetItem(rec, k_stats_only_, Py_True))
-            throw py::error_already_set();  // the original's bytes are not in this order
-          if (PyDict_SetItem(rec, k_alias_, b->second.key)) throw py::error_already_set();
-          PyObject* key = b->second.key;  // (remember() may rehash the table under b)
-          remember(impl, version, key, b->second.checksum);
-          set_layout(rec, t);
-          Py_RETURN_NONE;
+            base.layout() == at::kStrided && dense(base) && dense(t)) {
+          o.stats_only = !(t.is_contiguous() && base.is_contiguous());  // the original's bytes are not in this order
+          PyObject* original = b->second.key;  // (remember() may rehash the table under b)
+          remember(impl, version, original, b->second.checksum);
+          o.alias = original;  // (the table holds a reference for as long as this capture)
+          o.stats = Py_NewRef(Py_None);
+          return true;
         }
       }
     }
     if (next_ >= rows_) new_chunk();
     double* out = chunk_ + 10 * next_;
-    if (stats_(t.data_ptr(), t.numel(), code, out) != 0) return nullptr;
     uint64_t sum;
-    std::memcpy(&sum, out + 9, 8);
-    if (versioned) {
-      PyObject* key = PyDict_GetItemWithError(rec, k_key_);  // borrowed
-      if (key == nullptr) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_KeyError, "key");
-        throw py::error_already_set();
-      }
-      remember(impl, version, key, sum);
+    if (code >= 0 && dense(t)) {  // one pass: stats and checksum
+      if (stats_(t.data_ptr(), t.numel(), code, out) != 0) return false;
+      std::memcpy(&sum, out + 9, 8);
+    } else {  // (only where takes() saw `ops`)
+      at::Tensor elements = dense(t) ? t : t.contiguous();
+      at::Tensor values = code >= 0 ? elements : elements.to(at::kDouble);
+      if (stats_(values.data_ptr(), values.numel(), code >= 0 ? code : 1, out) != 0) return false;
+      sum = checksum(elements);  // of the tensor's own bytes, as session._fingerprint
     }
-    set_layout(rec, t);
+    if (versioned) remember(impl, version, key, sum);
     PyObject* row = PyLong_FromLongLong(next_++);
-    PyObject* item = row ? PyTuple_Pack(2, chunk_obj_.ptr(), row) : nullptr;
+    o.stats = row ? PyTuple_Pack(2, chunk_obj_.ptr(), row) : nullptr;
     Py_XDECREF(row);
-    if (item == nullptr) throw py::error_already_set();
-    return item;
+    if (o.stats == nullptr) throw py::error_already_set();
+    return true;
   }
 
-  // Appends (record, stats item, -1) to the batch; steals the stats item.
-  void append(PyObject* batch, PyObject* rec, PyObject* stats) {
-    PyObject* triple = PyTuple_Pack(3, rec, stats, minus_one_);
+  // The outcome and layout into a record dict, in the Python path's field order
+  void to_dict(PyObject* rec, const Outcome& o, const at::Tensor& t) {
+    if (o.stats_only && PyDict_SetItem(rec, k_stats_only_, Py_True)) throw py::error_already_set();
+    if (o.alias != nullptr && PyDict_SetItem(rec, k_alias_, o.alias)) throw py::error_already_set();
+    set_layout(rec, t);
+  }
+
+  // ---- JSON text of index rows (trace.row_text's, compact) ----
+  static void json_str(std::string& out, PyObject* s) {
+    Py_ssize_t n;
+    const char* u = PyUnicode_AsUTF8AndSize(s, &n);
+    if (u == nullptr) throw py::error_already_set();
+    out += '"';
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      unsigned char c = (unsigned char)u[i];
+      if (c == '"' || c == '\\') {
+        out += '\\';
+        out += (char)c;
+      } else if (c < 0x20) {
+        char esc[8];
+        snprintf(esc, sizeof esc, "\\u%04x", c);
+        out += esc;
+      } else {
+        out += (char)c;
+      }
+    }
+    out += '"';
+  }
+
+  // A value as JSON, where it is a str, bool, int or None (false otherwise: the caller uses dicts).
+  static bool json_value(std::string& out, PyObject* v) {
+    if (v == Py_None) {
+      out += "null";
+    } else if (v == Py_True) {
+      out += "true";
+    } else if (v == Py_False) {
+      out += "false";
+    } else if (PyUnicode_CheckExact(v)) {
+      if (PyUnicode_AsUTF8AndSize(v, nullptr) == nullptr) {  // (a lone surrogate)
+        PyErr_Clear();
+        return false;
+      }
+      json_str(out, v);
+    } else if (PyLong_CheckExact(v)) {
+      int overflow = 0;
+      long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+      if (overflow || (x == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        return false;
+      }
+      out += std::to_string(x);
+    } else {
+      return false;
+    }
+    return true;
+  }
+
+  // "{" and the dict's fields, without the closing brace
+  static bool json_dict_fields(std::string& out, PyObject* d) {
+    if (!PyDict_CheckExact(d)) return false;
+    out += '{';
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    bool first = true;
+    while (PyDict_Next(d, &pos, &k, &v)) {
+      if (!PyUnicode_CheckExact(k)) return false;
+      if (!first) out += ',';
+      first = false;
+      json_str(out, k);
+      out += ':';
+      if (!json_value(out, v)) return false;
+    }
+    return !first;  // (an empty base: no comma rules to keep; never the case)
+  }
+
+  void json_layout(std::string& out, const at::Tensor& t) {  // set_layout's fields
+    auto ints = [&out](c10::IntArrayRef xs) {
+      out += '[';
+      for (size_t i = 0; i < xs.size(); ++i) {
+        if (i) out += ',';
+        out += std::to_string(xs[i]);
+      }
+      out += ']';
+    };
+    out += ",\"shape\":";
+    ints(t.sizes());
+    out += ",\"dtype\":";
+    json_str(out, dtype_name(t.scalar_type()));
+    out += ",\"device\":\"cpu\",\"stride\":";
+    ints(t.strides());
+    out += ",\"storage_offset\":" + std::to_string(t.storage_offset());
+    out += t.is_contiguous() ? ",\"contiguous\":true" : ",\"contiguous\":false";
+  }
+
+  // Appends (record, stats item, marker) to the batch; steals the stats item.
+  void append(PyObject* batch, PyObject* rec, PyObject* stats, PyObject* marker) {
+    PyObject* triple = PyTuple_Pack(3, rec, stats, marker);
     Py_DECREF(stats);
     int err = triple ? PyList_Append(batch, triple) : -1;
     Py_XDECREF(triple);
@@ -1027,7 +1182,8 @@ class CpuRecords {
     }
   }
 
-  uint64_t checksum(const at::Tensor& t) const {  // cpu_stats.checksum of a dense tensor
+  uint64_t checksum(const at::Tensor& t) const {  // cpu_stats.checksum (views with gaps: of a copy)
+    if (!dense(t)) return checksum(t.contiguous());
     return checksum_(t.data_ptr(), t.numel(), (int)t.element_size());
   }
 
@@ -1082,6 +1238,7 @@ class CpuRecords {
     if (err) throw py::error_already_set();
   }
 
+  int64_t count_ = 0;
   CpuStatsFn stats_;
   ChecksumFn checksum_;
   py::object new_chunk_;
@@ -1094,12 +1251,344 @@ class CpuRecords {
     }
   };
   std::unordered_map<std::pair<PyObject*, Py_ssize_t>, PyObject*, PairHash> slot_names_;
-  PyObject* minus_one_;
+  PyObject *minus_one_, *minus_two_;
   std::unordered_map<c10::TensorImpl*, CpuSeen> seen_;
   std::unordered_map<int, PyObject*> dtype_names_;
   PyObject *k_key_, *k_slot_, *k_alias_, *k_stats_only_, *k_shape_, *k_dtype_, *k_device_, *k_stride_, *k_offset_,
       *k_contiguous_, *cpu_;
 };
+
+
+// ---- OpHandler: the op probe's dispatch handler, out of Python (probes/dispatch_ops.py) --------
+//
+// Bound as an OpProbe's __torch_dispatch__ when its records all go through CpuRecords (a CPU model,
+// stats only, no replay, no crash breadcrumbs, a writer with a thread): the Python handler cost
+// ~12 us per op around the op itself (naming, the module scope, the source line, the tensor list,
+// two record calls), more than the small ops of a CPU forward. It does what OpProbe.__torch_dispatch__
+// and OpRecorder do, in the same order and with the same fields, and hands every case it does not
+// cover (an allocation that leaves memory uninitialised, a tensor CpuRecords does not take, no module
+// scope, keyword calls) to the Python code: `fallback` (the probe's own handler) or `emit_rest`
+// (session.emit_op from a given tensor on).
+
+struct FuncInfo {
+  PyObject* name;        // "aten::mm"
+  PyObject* short_name;  // "mm"
+  PyObject* op;          // what runs it: func._op (OpOverload.__call__ only forwards to it), or func
+  bool is_view, ignored, uninit;
+};
+
+struct OpHandlerObject {
+  PyObject_HEAD
+  vectorcallfunc vectorcall;
+  PyObject* session;
+  PyObject* writer;
+  PyObject* records_obj;  // the pybind11 CpuRecords, kept alive
+  PyObject* call_of;      // the probe's dict: scope -> call number
+  PyObject* fallback;     // the probe's Python handler: fallback(func, types, args, kwargs)
+  PyObject* func_info;    // func -> (name, short name, is a view, ignored, allocates uninitialised)
+  PyObject* output_tensors;
+  PyObject* emit_rest;    // session.emit_op(base, prefix, kind, tensors, save_data, same_as, extra, start)
+  PyObject* is_skipped;
+  CpuRecords* records;
+  std::unordered_map<PyObject*, FuncInfo>* infos;
+};
+
+struct Names {  // interned attribute names and record keys
+  PyObject *busy, *scopes, *op_counts, *direction, *drilling, *uninit, *batch, *batch_since, *error, *hand_over,
+      *kind, *module, *scope, *call, *op, *op_index, *source, *drill, *in, *out, *empty, *hash;
+  Names() {
+    auto s = [](const char* t) { return PyUnicode_InternFromString(t); };
+    busy = s("busy"), scopes = s("scopes"), op_counts = s("op_counts"), direction = s("direction");
+    drilling = s("drilling"), uninit = s("_uninit"), batch = s("_batch"), batch_since = s("_batch_since");
+    error = s("_error"), hand_over = s("hand_over"), kind = s("kind"), module = s("module"), scope = s("scope");
+    call = s("call"), op = s("op"), op_index = s("op_index"), source = s("source"), drill = s("drill");
+    in = s("in"), out = s("out"), empty = s(""), hash = s("#");
+  }
+};
+
+Names& names() {
+  static Names* n = new Names();  // never freed, as tables()
+  return *n;
+}
+
+double monotonic_seconds() {  // time.monotonic()'s clock
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+py::object attr(PyObject* obj, PyObject* name) {
+  PyObject* value = PyObject_GetAttr(obj, name);
+  if (value == nullptr) throw PythonError();
+  return py::reinterpret_steal<py::object>(value);
+}
+
+py::object check(PyObject* value) {  // a new reference, or the pending Python error
+  if (value == nullptr) throw PythonError();
+  return py::reinterpret_steal<py::object>(value);
+}
+
+const FuncInfo& func_info(OpHandlerObject* self, PyObject* func) {
+  auto it = self->infos->find(func);
+  if (it != self->infos->end()) return it->second;
+  py::object info = check(PyObject_CallOneArg(self->func_info, func));
+  if (!PyTuple_Check(info.ptr()) || PyTuple_GET_SIZE(info.ptr()) != 5)
+    throw std::runtime_error("OpHandler: func_info must return a 5-tuple");
+  PyObject* op = PyObject_GetAttrString(func, "_op");
+  if (op == nullptr) {
+    PyErr_Clear();
+    op = Py_NewRef(func);
+  }
+  PyObject* t = info.ptr();
+  FuncInfo fi{Py_NewRef(PyTuple_GET_ITEM(t, 0)), Py_NewRef(PyTuple_GET_ITEM(t, 1)), op,
+              PyObject_IsTrue(PyTuple_GET_ITEM(t, 2)) == 1, PyObject_IsTrue(PyTuple_GET_ITEM(t, 3)) == 1,
+              PyObject_IsTrue(PyTuple_GET_ITEM(t, 4)) == 1};
+  Py_INCREF(func);  // the key stays alive (OpOverloads live as long as the process anyway)
+  return self->infos->emplace(func, fi).first->second;
+}
+
+// dispatch_ops.op_tensors: tensor arguments in tree_flatten((args, kwargs)) order (one level of lists)
+void add_tensors(PyObject* list, PyObject* a) {
+  if (THPVariable_Check(a)) {
+    if (PyList_Append(list, a)) throw PythonError();
+  } else if (PyList_Check(a) || PyTuple_Check(a)) {
+    PyObject* fast = PySequence_Fast(a, "");
+    if (fast == nullptr) throw PythonError();
+    for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(fast); ++j) {
+      PyObject* b = PySequence_Fast_GET_ITEM(fast, j);
+      if (THPVariable_Check(b) && PyList_Append(list, b)) {
+        Py_DECREF(fast);
+        throw PythonError();
+      }
+    }
+    Py_DECREF(fast);
+  }
+}
+
+// The records of one op's tensors, as session.emit_op does on its native path: into the writer's
+// batch (TraceWriter.native_batch / native_added), the rest by the session from the first tensor
+// CpuRecords does not take.
+void emit_records(OpHandlerObject* self, PyObject* base, PyObject* prefix, PyObject* kind, PyObject* tensors,
+                  PyObject* same_as) {
+  Names& n = names();
+  py::object batch = attr(self->writer, n.batch);
+  if (!PyList_Check(batch.ptr())) throw std::runtime_error("OpHandler: writer._batch is not a list");
+  if (PyList_GET_SIZE(batch.ptr()) == 0) {
+    py::object now = check(PyFloat_FromDouble(monotonic_seconds()));
+    if (PyObject_SetAttr(self->writer, n.batch_since, now.ptr())) throw PythonError();
+  }
+  int64_t stop = self->records->emit_op(py::handle(base), py::handle(prefix), py::handle(kind), py::handle(tensors), 0,
+                                        py::handle(same_as), batch, true, true);
+  bool full = PyList_GET_SIZE(batch.ptr()) >= 64;
+  if (!full) {
+    double since = PyFloat_AsDouble(attr(self->writer, n.batch_since).ptr());
+    if (since == -1.0 && PyErr_Occurred()) throw PythonError();
+    full = monotonic_seconds() - since > 0.1;
+  }
+  if (full) check(PyObject_CallMethodNoArgs(self->writer, n.hand_over));
+  if (stop >= 0) {
+    py::object start = check(PyLong_FromLongLong(stop));
+    PyObject* argv[] = {base, prefix, kind, tensors, Py_None, same_as, Py_None, start.ptr()};
+    check(PyObject_Vectorcall(self->emit_rest, argv, 8, nullptr));
+  }
+}
+
+PyObject* call_fallback(OpHandlerObject* self, PyObject* func, PyObject* types, PyObject* args, PyObject* kwargs) {
+  PyObject* argv[] = {func, types, args, kwargs};
+  return PyObject_Vectorcall(self->fallback, argv, 4, nullptr);
+}
+
+// (mode, func, types, args, kwargs): called through a method bound to the probe
+PyObject* op_handler_vectorcall(PyObject* callable, PyObject* const* argv, size_t nargsf, PyObject* kwnames) {
+  auto* self = reinterpret_cast<OpHandlerObject*>(callable);
+  Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+  if (nargs < 1) {
+    PyErr_SetString(PyExc_TypeError, "OpHandler: called without the mode");
+    return nullptr;
+  }
+  if (kwnames != nullptr || nargs < 4 || nargs > 5 || !PyTuple_Check(argv[3]) ||
+      (nargs == 5 && argv[4] != Py_None && !PyDict_Check(argv[4])))
+    return PyObject_Vectorcall(self->fallback, argv + 1, nargs - 1, kwnames);
+  PyObject *func = argv[1], *types = argv[2], *args = argv[3], *kwargs = nargs == 5 ? argv[4] : Py_None;
+  PyObject* kw = kwargs != Py_None && PyDict_GET_SIZE(kwargs) ? kwargs : nullptr;
+  Names& n = names();
+  try {
+    const FuncInfo& info = func_info(self, func);
+    if (info.ignored || PyObject_IsTrue(attr(self->session, n.busy).ptr()) == 1)
+      return PyObject_Call(info.op, args, kw);  // our own work, or an op never recorded
+    py::object uninit = attr(self->session, n.uninit);
+    py::object scopes = attr(self->session, n.scopes);
+    if (info.uninit || !PyDict_Check(uninit.ptr()) || PyDict_GET_SIZE(uninit.ptr()) || !PyList_Check(scopes.ptr()) ||
+        PyList_GET_SIZE(scopes.ptr()) == 0 || attr(self->writer, n.error).ptr() != Py_None)
+      return call_fallback(self, func, types, args, kwargs);
+    PyObject* innermost = PyList_GET_ITEM(scopes.ptr(), PyList_GET_SIZE(scopes.ptr()) - 1);
+    if (!PyTuple_Check(innermost) || PyTuple_GET_SIZE(innermost) != 2)
+      return call_fallback(self, func, types, args, kwargs);
+    py::object module = py::reinterpret_borrow<py::object>(PyTuple_GET_ITEM(innermost, 0));
+    py::object scope = py::reinterpret_borrow<py::object>(PyTuple_GET_ITEM(innermost, 1));
+    if (!PyUnicode_Check(scope.ptr())) return call_fallback(self, func, types, args, kwargs);
+    // op index in the scope (session.op_counts) and the scope's call number (probe._call_of)
+    py::object counts = attr(self->session, n.op_counts);
+    if (!PyDict_Check(counts.ptr())) return call_fallback(self, func, types, args, kwargs);
+    PyObject* seen = PyDict_GetItemWithError(counts.ptr(), scope.ptr());
+    if (seen == nullptr && PyErr_Occurred()) throw PythonError();
+    long long index = seen ? PyLong_AsLongLong(seen) : 0;
+    if (index == -1 && PyErr_Occurred()) throw PythonError();
+    py::object next = check(PyLong_FromLongLong(index + 1));
+    if (PyDict_SetItem(counts.ptr(), scope.ptr(), next.ptr())) throw PythonError();
+    PyObject* call = PyDict_GetItemWithError(self->call_of, scope.ptr());  // borrowed
+    if (call == nullptr) {
+      if (PyErr_Occurred()) throw PythonError();
+      Py_ssize_t at = PyUnicode_FindChar(scope.ptr(), '#', 0, PyUnicode_GET_LENGTH(scope.ptr()), -1);
+      if (at < 0) throw std::runtime_error("OpHandler: a scope without '#<call>'");
+      py::object digits = check(PyUnicode_Substring(scope.ptr(), at + 1, PyUnicode_GET_LENGTH(scope.ptr())));
+      py::object number = check(PyLong_FromUnicodeObject(digits.ptr(), 10));
+      if (PyDict_SetItem(self->call_of, scope.ptr(), number.ptr())) throw PythonError();
+      call = number.ptr();  // (the dict holds it now)
+    }
+    py::object direction = attr(self->session, n.direction);
+    bool drilling = PyObject_IsTrue(attr(self->session, n.drilling).ptr()) == 1;
+    // 3 frames of the Python handler (it, torch's dynamo-disable wrapper and its caller) are not
+    // walked here: the same 64-frame reach as source_lines.user_source_line from there
+    int32_t source_id = source_string_id(self->is_skipped, 61);
+    PyObject* source = source_id < 0 ? n.empty : tables().strings.get(source_id);
+    py::object op_index = check(PyLong_FromLongLong(index));
+    // the record fields of OpProbe.__torch_dispatch__, in its order
+    py::object base = check(PyDict_New());
+    PyObject* b = base.ptr();
+    if (PyDict_SetItem(b, n.kind, n.op) || PyDict_SetItem(b, n.direction, direction.ptr()) ||
+        PyDict_SetItem(b, n.module, module.ptr()) || PyDict_SetItem(b, n.scope, scope.ptr()) ||
+        PyDict_SetItem(b, n.call, call) || PyDict_SetItem(b, n.op, info.name) ||
+        PyDict_SetItem(b, n.op_index, op_index.ptr()) || PyDict_SetItem(b, n.source, source) ||
+        (drilling && PyDict_SetItem(b, n.drill, Py_True)))
+      throw PythonError();
+    char digits[32];
+    snprintf(digits, sizeof digits, "%04lld", index);  // schema.op_prefix
+    py::object prefix = check(PyUnicode_FromFormat("%U/op%s.%U", scope.ptr(), digits, info.short_name));
+    // OpRecorder.on_op_start: the inputs before the op runs (an in-place op's old value)
+    py::object tensors = check(PyList_New(0));
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(args); ++i) add_tensors(tensors.ptr(), PyTuple_GET_ITEM(args, i));
+    if (kw != nullptr) {
+      Py_ssize_t pos = 0;
+      PyObject *key, *value;
+      while (PyDict_Next(kw, &pos, &key, &value)) add_tensors(tensors.ptr(), value);
+    }
+    if (PyList_GET_SIZE(tensors.ptr()))
+      emit_records(self, b, prefix.ptr(), n.in, tensors.ptr(), Py_None);
+    py::object out = check(PyObject_Call(info.op, args, kw));
+    // OpRecorder.on_op: the outputs; a view's output may hold exactly its input's elements
+    if (THPVariable_Check(out.ptr())) {
+      PyObject* same_as = info.is_view && PyTuple_GET_SIZE(args) && THPVariable_Check(PyTuple_GET_ITEM(args, 0))
+                              ? PyTuple_GET_ITEM(args, 0) : Py_None;
+      py::object one = check(PyList_New(1));
+      PyList_SET_ITEM(one.ptr(), 0, Py_NewRef(out.ptr()));
+      emit_records(self, b, prefix.ptr(), n.out, one.ptr(), same_as);
+    } else {
+      py::object outs = check(PyObject_CallOneArg(self->output_tensors, out.ptr()));
+      if (!PyList_Check(outs.ptr())) throw std::runtime_error("OpHandler: output_tensors must return a list");
+      if (PyList_GET_SIZE(outs.ptr())) emit_records(self, b, prefix.ptr(), n.out, outs.ptr(), Py_None);
+    }
+    return out.release().ptr();
+  } catch (...) {
+    set_error_from_cpp();
+    return nullptr;
+  }
+}
+
+int op_handler_traverse(PyObject* o, visitproc visit, void* arg) {
+  auto* self = reinterpret_cast<OpHandlerObject*>(o);
+  Py_VISIT(self->session);
+  Py_VISIT(self->writer);
+  Py_VISIT(self->records_obj);
+  Py_VISIT(self->call_of);
+  Py_VISIT(self->fallback);
+  Py_VISIT(self->func_info);
+  Py_VISIT(self->output_tensors);
+  Py_VISIT(self->emit_rest);
+  Py_VISIT(self->is_skipped);
+  return 0;
+}
+
+int op_handler_clear(PyObject* o) {
+  auto* self = reinterpret_cast<OpHandlerObject*>(o);
+  self->records = nullptr;
+  Py_CLEAR(self->session);
+  Py_CLEAR(self->writer);
+  Py_CLEAR(self->records_obj);
+  Py_CLEAR(self->call_of);
+  Py_CLEAR(self->fallback);
+  Py_CLEAR(self->func_info);
+  Py_CLEAR(self->output_tensors);
+  Py_CLEAR(self->emit_rest);
+  Py_CLEAR(self->is_skipped);
+  return 0;
+}
+
+void op_handler_dealloc(PyObject* o) {
+  PyObject_GC_UnTrack(o);
+  op_handler_clear(o);
+  auto* self = reinterpret_cast<OpHandlerObject*>(o);
+  if (self->infos != nullptr) {
+    for (auto& kv : *self->infos) {
+      Py_DECREF(kv.first);
+      Py_DECREF(kv.second.name);
+      Py_DECREF(kv.second.short_name);
+      Py_DECREF(kv.second.op);
+    }
+    delete self->infos;
+    self->infos = nullptr;
+  }
+  Py_TYPE(o)->tp_free(o);
+}
+
+// OpHandler(session, writer, records, call_of, fallback, func_info, output_tensors, emit_rest, is_skipped)
+PyObject* op_handler_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
+  PyObject *session, *writer, *records, *call_of, *fallback, *func_info_fn, *output_tensors, *emit_rest, *is_skipped;
+  if (!PyArg_ParseTuple(args, "OOOO!OOOOO:OpHandler", &session, &writer, &records, &PyDict_Type, &call_of, &fallback,
+                        &func_info_fn, &output_tensors, &emit_rest, &is_skipped))
+    return nullptr;
+  CpuRecords* rec;
+  try {
+    rec = py::cast<CpuRecords*>(py::handle(records));
+  } catch (...) {
+    PyErr_SetString(PyExc_TypeError, "OpHandler: records must be a fast_records.CpuRecords");
+    return nullptr;
+  }
+  names();
+  auto* self = reinterpret_cast<OpHandlerObject*>(type->tp_alloc(type, 0));
+  if (self == nullptr) return nullptr;
+  self->vectorcall = op_handler_vectorcall;
+  self->session = Py_NewRef(session);
+  self->writer = Py_NewRef(writer);
+  self->records_obj = Py_NewRef(records);
+  self->call_of = Py_NewRef(call_of);
+  self->fallback = Py_NewRef(fallback);
+  self->func_info = Py_NewRef(func_info_fn);
+  self->output_tensors = Py_NewRef(output_tensors);
+  self->emit_rest = Py_NewRef(emit_rest);
+  self->is_skipped = Py_NewRef(is_skipped);
+  self->records = rec;
+  self->infos = new std::unordered_map<PyObject*, FuncInfo>();
+  return reinterpret_cast<PyObject*>(self);
+}
+
+PyTypeObject OpHandlerType = {PyVarObject_HEAD_INIT(nullptr, 0)};
+
+bool init_op_handler_type(PyObject* module) {
+  OpHandlerType.tp_name = "tensordiff_fast_records.OpHandler";
+  OpHandlerType.tp_basicsize = sizeof(OpHandlerObject);
+  OpHandlerType.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL;
+  OpHandlerType.tp_doc = "An op probe's dispatch handler over CpuRecords (fast_records.cpp).";
+  OpHandlerType.tp_new = op_handler_new;
+  OpHandlerType.tp_dealloc = op_handler_dealloc;
+  OpHandlerType.tp_traverse = op_handler_traverse;
+  OpHandlerType.tp_clear = op_handler_clear;
+  OpHandlerType.tp_call = PyVectorcall_Call;
+  OpHandlerType.tp_vectorcall_offset = offsetof(OpHandlerObject, vectorcall);
+  if (PyType_Ready(&OpHandlerType) < 0) return false;
+  Py_INCREF(&OpHandlerType);
+  return PyModule_AddObject(module, "OpHandler", reinterpret_cast<PyObject*>(&OpHandlerType)) == 0;
+}
 
 }  // namespace
 
@@ -1124,10 +1613,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("emit", &CpuRecords::emit)
       .def("emit_op", &CpuRecords::emit_op)
       .def("forget", &CpuRecords::forget)
+      .def_property_readonly("count", &CpuRecords::count)
       .def("__len__", &CpuRecords::size);
   py::class_<Block>(m, "Block")
       .def("__len__", &Block::size)
       .def("records", &Block::records)
       .def("buffers", &Block::buffers_list);
-  if (!init_probed_type(m.ptr())) throw py::error_already_set();
+  if (!init_probed_type(m.ptr()) || !init_op_handler_type(m.ptr())) throw py::error_already_set();
 }

@@ -83,3 +83,22 @@ def cpu_records():
     address = lambda fn: ctypes.cast(fn, ctypes.c_void_p).value  # noqa: E731
     # stats rows: float64 [512, 10] chunks (9 stats, the checksum's bits), a new one when one is full
     return ext.CpuRecords(address(lib.td_cpu_stats), address(lib.td_checksum), lambda: np.empty((512, 10)))
+
+
+def op_handler(session, fallback, call_of: dict):
+    """An OpHandler (fast_records.cpp): an op probe's dispatch handler that names ops and makes their
+    records in C++ through the session's CpuRecords, or None where the extension is unavailable.
+    ``fallback``: the probe's Python handler, for the cases the C++ one hands back."""
+    ext = _load()
+    if ext is None or session.native is None:
+        return None
+    from tensordiff.probes.dispatch_ops import allocates_uninitialized, func_info
+    from tensordiff.probes.replay import output_tensors
+    from tensordiff.source_lines import is_skipped_file
+
+    def info(func) -> tuple:
+        name, short, is_view, ignored = func_info(func)
+        return name, short, is_view, ignored, allocates_uninitialized(name)
+
+    return ext.OpHandler(session, session.writer, session.native, call_of, fallback, info, output_tensors,
+                         session.emit_op, is_skipped_file)

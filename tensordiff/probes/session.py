@@ -62,7 +62,7 @@ class CaptureSession:
         self.busy = False                      # True while we compute our own stats: not user ops
         self._uninit: dict = {}  # id(tensor) -> (weakref, version at allocation): never-written memory
         self._ring = None  # the writer's staging ring for CPU copies (False: it has none)
-        self._records = 0  # records of the general path (records: with the fast path's)
+        self._records = 0  # records of the general path (records: with the fast paths')
         self._seen: dict = {}  # id(tensor) -> (weakref, key, version, CPU checksum, data saved?)
         # GPU stats without a sync per tensor: one fused launch per tensor where the kernel is available
         # (exact under later in-place ops), else batched reductions; not with a synchronous writer,
@@ -140,7 +140,8 @@ class CaptureSession:
 
     @property
     def records(self) -> int:
-        return self._records + (self.fast.records if self.fast is not None else 0)
+        return self._records + (self.fast.records if self.fast is not None else 0) \
+            + (self.native.count if self.native is not None else 0)
 
     def begin_forward(self) -> None:
         if not self._writer_runs_ops and hasattr(self.writer, "quiet"):
@@ -221,17 +222,16 @@ class CaptureSession:
         return self._ring or None
 
     def emit_op(self, base: dict, prefix: str, kind: str, tensors: list, save_data: bool | None = None,
-                same_as: torch.Tensor | None = None, extra: dict | None = None) -> None:
-        """The records of one op's tensors: ``base`` fields, key ``{prefix}/{kind}.{i}``, slot
-        ``{kind}.{i}``, ``extra[i]`` fields (an observer's); ``same_as`` as in ``emit``, for the first."""
+                same_as: torch.Tensor | None = None, extra: dict | None = None, start: int = 0) -> None:
+        """The records of one op's tensors from ``start`` on: ``base`` fields, key ``{prefix}/{kind}.{i}``,
+        slot ``{kind}.{i}``, ``extra[i]`` fields (an observer's); ``same_as`` as in ``emit``, for the
+        first tensor (index 0)."""
         save = self.save_data if save_data is None else save_data
-        start = 0
         if self.native is not None and not save and not self._uninit and not extra:
             writer = self.writer
             while start < len(tensors):
-                stop = self.native.emit_op(base, prefix, kind, tensors, start, same_as, writer.native_batch())
+                stop = self.native.emit_op(base, prefix, kind, tensors, start, same_as, writer.native_batch(), True, True)
                 writer.native_added()
-                self._records += (len(tensors) if stop < 0 else stop) - start
                 if stop < 0:
                     return
                 # a tensor the native path does not take (not a dense CPU float tensor): this one here
@@ -255,9 +255,15 @@ class CaptureSession:
             record["uninitialized"] = True
         if self.native is not None and not save:
             writer = self.writer
-            if self.native.emit(record, tensor, same_as, writer.native_batch()):
-                writer.native_added()
-                self._records += 1
+            # (ops=True: integer tensors and views with gaps take a torch op there, which the op
+            # probe must not record as the model's)
+            was, self.busy = self.busy, True
+            try:
+                took = self.native.emit(record, tensor, same_as, writer.native_batch(), True)
+            finally:
+                self.busy = was
+            if took:
+                writer.native_added()  # (counted in native.count)
                 return
             # (not a dense CPU float tensor: the Python path below takes it)
         original = self._already_captured(tensor, save)
