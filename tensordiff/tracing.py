@@ -144,7 +144,7 @@ def capture(model: torch.nn.Module, inputs, path, level: str = "module", save: s
             extra["guard"] = {"summary": summary_lines(guard.findings), "findings": guard.summary()}
         if probe.live_summary is not None:
             extra["live"] = probe.live_summary
-        writer.set_metadata(**extra, traced_seconds=seconds, replay=replayer is not None, drill_down=probe.drilled,
+        writer.set_metadata(at_close=True, **extra, traced_seconds=seconds, replay=replayer is not None, drill_down=probe.drilled,
                             replay_failures=dict(list(replayer.failures.items())[:50]) if replayer else {})
     _release_pinned_host_memory()
     return CaptureResult(str(path), session.records, seconds, output)

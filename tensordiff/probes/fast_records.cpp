@@ -884,18 +884,29 @@ class CpuRecords {
   // ops may run, the caller keeps the op probe from recording them), its layout (and alias) go into
   // `record` and (record, (chunk, row) or None for an alias, -1) is appended to `batch`, the
   // writer's list (TraceWriter.native_batch); returns false otherwise.
-  bool emit(py::handle record, py::handle tensor, py::handle same_as, py::handle batch, bool ops = false) {
+  // With `text`, the row goes to the writer as JSON text, as emit_op's (where the record's values
+  // are all ones the encoder writes).
+  bool emit(py::handle record, py::handle tensor, py::handle same_as, py::handle batch, bool ops = false,
+            bool text = false) {
     if (!takes(tensor.ptr(), ops)) return false;
     PyObject* key = PyDict_GetItemWithError(record.ptr(), k_key_);  // borrowed
     if (key == nullptr) {
       if (!PyErr_Occurred()) PyErr_SetString(PyExc_KeyError, "key");
       throw py::error_already_set();
     }
+    py::object keep_key = py::reinterpret_borrow<py::object>(key);
+    std::string head;
+    if (text && !json_dict_fields(head, record.ptr())) text = false;
     Outcome o;
     if (!classify(tensor.ptr(), same_as.ptr(), key, o, ops)) return false;
     py::object stats = py::reinterpret_steal<py::object>(o.stats);
-    to_dict(record.ptr(), o, THPVariable_Unpack(tensor.ptr()));
-    append(batch.ptr(), record.ptr(), stats.release().ptr(), minus_one_);
+    const at::Tensor& t = THPVariable_Unpack(tensor.ptr());
+    if (text) {
+      append_text_row(batch.ptr(), head, key, o, t, stats.release().ptr());
+    } else {
+      to_dict(record.ptr(), o, t);
+      append(batch.ptr(), record.ptr(), stats.release().ptr(), minus_one_);
+    }
     ++count_;
     return true;
   }
@@ -931,19 +942,7 @@ class CpuRecords {
         json_str(row, key.ptr());
         row += ",\"slot\":";
         json_str(row, slot);
-        if (o.stats_only) row += ",\"stats_only\":true";
-        if (o.alias != nullptr) {
-          row += ",\"alias_of\":";
-          json_str(row, o.alias);
-        }
-        json_layout(row, tensor);
-        py::object row_text = py::reinterpret_steal<py::object>(PyUnicode_FromStringAndSize(row.data(), (Py_ssize_t)row.size()));
-        if (!row_text) throw py::error_already_set();
-        PyObject* payload = PyTuple_Pack(4, row_text.ptr(), key.ptr(), o.alias ? o.alias : Py_None,
-                                         o.stats_only ? Py_True : Py_False);
-        if (payload == nullptr) throw py::error_already_set();
-        append(batch.ptr(), payload, stats.release().ptr(), minus_two_);
-        Py_DECREF(payload);
+        append_text_row(batch.ptr(), row, key.ptr(), o, tensor, stats.release().ptr());
       } else {
         py::object rec = py::reinterpret_steal<py::object>(PyDict_Copy(base.ptr()));
         if (!rec || PyDict_SetItem(rec.ptr(), k_key_, key.ptr()) || PyDict_SetItem(rec.ptr(), k_slot_, slot))
@@ -1048,6 +1047,26 @@ class CpuRecords {
     return true;
   }
 
+  // (row text so far + the outcome and layout, key, alias or None, stats_only), stats, -2 into the
+  // batch; steals `stats`
+  void append_text_row(PyObject* batch, std::string& row, PyObject* key, const Outcome& o, const at::Tensor& t,
+                       PyObject* stats) {
+    py::object keep_stats = py::reinterpret_steal<py::object>(stats);
+    if (o.stats_only) row += ",\"stats_only\":true";
+    if (o.alias != nullptr) {
+      row += ",\"alias_of\":";
+      json_str(row, o.alias);
+    }
+    json_layout(row, t);
+    py::object row_text = py::reinterpret_steal<py::object>(PyUnicode_FromStringAndSize(row.data(), (Py_ssize_t)row.size()));
+    if (!row_text) throw py::error_already_set();
+    PyObject* payload = PyTuple_Pack(4, row_text.ptr(), key, o.alias ? o.alias : Py_None,
+                                     o.stats_only ? Py_True : Py_False);
+    if (payload == nullptr) throw py::error_already_set();
+    append(batch, payload, keep_stats.release().ptr(), minus_two_);
+    Py_DECREF(payload);
+  }
+
   // The outcome and layout into a record dict, in the Python path's field order
   void to_dict(PyObject* rec, const Outcome& o, const at::Tensor& t) {
     if (o.stats_only && PyDict_SetItem(rec, k_stats_only_, Py_True)) throw py::error_already_set();
@@ -1061,7 +1080,10 @@ class CpuRecords {
     const char* u = PyUnicode_AsUTF8AndSize(s, &n);
     if (u == nullptr) throw py::error_already_set();
     out += '"';
-    for (Py_ssize_t i = 0; i < n; ++i) {
+    Py_ssize_t plain = 0;  // the common case: nothing to escape, appended whole
+    while (plain < n && (unsigned char)u[plain] >= 0x20 && u[plain] != '"' && u[plain] != '\\') ++plain;
+    out.append(u, (size_t)plain);
+    for (Py_ssize_t i = plain; i < n; ++i) {
       unsigned char c = (unsigned char)u[i];
       if (c == '"' || c == '\\') {
         out += '\\';

@@ -259,7 +259,7 @@ class CaptureSession:
             # probe must not record as the model's)
             was, self.busy = self.busy, True
             try:
-                took = self.native.emit(record, tensor, same_as, writer.native_batch(), True)
+                took = self.native.emit(record, tensor, same_as, writer.native_batch(), True, True)
             finally:
                 self.busy = was
             if took:
