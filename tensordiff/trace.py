@@ -104,6 +104,18 @@ def row_text(row: dict) -> str:
     return json.dumps(row)
 
 
+def _stats_matrix(rows: list) -> np.ndarray:
+    """[len(rows), 9] float64 from stats rows that are 72 bytes (the native records') or float64
+    arrays of 9 (``_append``'s): one join of their bytes, not an array conversion per row."""
+    try:
+        flat = b"".join(rows)
+    except (BufferError, TypeError):  # a row that is not one contiguous buffer
+        flat = b"".join(r if isinstance(r, bytes) else np.ascontiguousarray(r, np.float64).tobytes() for r in rows)
+    if len(flat) != 72 * len(rows):
+        raise ValueError(f"stats rows of {len(flat)} bytes for {len(rows)} records (expected 72 each)")
+    return np.frombuffer(flat, np.float64).reshape(len(rows), 9)
+
+
 def _is_contiguous(shape, stride) -> bool:
     """torch's rule: row-major strides, ignoring dimensions of size 1; empty tensors are contiguous."""
     expected = 1
@@ -168,6 +180,7 @@ class TraceWriter:
         self._scratch: list = []  # native records of a synchronous writer, before they are written
         self._batch: list = []  # (record, snap, nbytes; -1: a native record and its stats row) not yet handed to the writer's thread
         self._batch_bytes = 0
+        self._batch_carries = False  # a record in the batch has data (maybe in the staging ring); native ones never
         self._batch_since = 0.0
         self._error: BaseException | None = None
         # synchronous: write in the caller's thread. For targets that may crash the process: nothing
@@ -202,14 +215,15 @@ class TraceWriter:
             self._batch_since = time.monotonic()
         self._batch.append((record, snap, nbytes))
         self._batch_bytes += nbytes
+        self._batch_carries |= snap.data is not None
         if len(self._batch) >= 64 or self._batch_bytes >= 8 << 20 or time.monotonic() - self._batch_since > 0.1:
             self.hand_over()
 
     def native_batch(self) -> list:
         """The list the native CPU records (probes/fast_records.cpp CpuRecords) append to: (record with
-        its layout and alias, (stats chunk, row) or None for an alias, -1) each, or ((the row's JSON
-        text without its closing brace, key, alias or None, stats_only), stats as before, -2). Call
-        ``native_added`` after appending."""
+        its layout and alias, its stats row as 72 bytes (an alias: its original's), -1) each, or ((the
+        row's JSON text without its closing brace, key), stats as before, -2). An alias there refers
+        to another native record, which never has data. Call ``native_added`` after appending."""
         if self._error is not None:
             raise self._error
         if self.synchronous:
@@ -235,16 +249,14 @@ class TraceWriter:
         while too many bytes are queued."""
         if not self._batch:
             return
-        batch, nbytes = self._batch, self._batch_bytes
-        self._batch, self._batch_bytes = [], 0
+        batch, nbytes, carries_data = self._batch, self._batch_bytes, self._batch_carries
+        self._batch, self._batch_bytes, self._batch_carries = [], 0, False
         if nbytes and self._pending_bytes > 0 and self._pending_bytes + nbytes > self._max_pending:
             self.before_block()  # e.g. compute batched stats the queued records wait for
             with self._cond:
                 while self._pending_bytes > 0 and self._pending_bytes + nbytes > self._max_pending:
                     self._cond.wait()
         self._produced_bytes += nbytes
-        # (native records, marked -1, carry none)
-        carries_data = nbytes > 0 or any(n == 0 and snap.data is not None for _, snap, n in batch)
         self._queue.put((("batch", batch, carries_data), None, nbytes))
 
     def add(self, record: dict, tensor: torch.Tensor, save: bool = True) -> None:
@@ -358,13 +370,7 @@ class TraceWriter:
                     while not self.quiet.is_set() and not item[0][2] and self._queue.qsize() < 256 \
                             and self._pending_bytes == 0:
                         self.quiet.wait(0.05)
-                    for record, snap, n in item[0][1]:
-                        if n == -2:
-                            self._write_native_text(record, snap)
-                        elif n == -1:
-                            self._write_native(record, snap)
-                        else:
-                            self._write_now(record, snap)
+                    self._write_batch(item[0][1])
                 elif isinstance(item[0], tuple) and item[0][0] == "amend":
                     self._amend_batch(item[0][1])
                 elif isinstance(item[0], tuple) and item[0][0] == "block":
@@ -421,13 +427,12 @@ class TraceWriter:
         alias = record.get("alias_of")
         record["seq"] = seq  # (the Python path's field order: seq, then has_data)
         if alias is not None:  # as _write_now (stats_only stays in the row where no bytes are shared)
+            # (an original made as text is in no table here: native originals never have data)
             original = self._seq_of[alias]
-            record["has_data"] = self._has_data_by_seq[original] and not record.pop("stats_only", False)
-            stats = self._stats_by_seq[original]
+            record["has_data"] = self._has_data_by_seq.get(original, False) and not record.pop("stats_only", False)
         else:
             record["has_data"] = False
-            stats = stats[0][stats[1], :9]  # (chunk, row)
-        self._append(seq, record, stats)
+        self._append(seq, record, np.frombuffer(stats, np.float64))
 
     def _amend_batch(self, items: list) -> None:
         seqs = [self._seq_of.get(key) for key, _, _ in items]
@@ -511,25 +516,30 @@ class TraceWriter:
         if len(self._rows_pending) >= 256:
             self._commit()
 
+    def _write_batch(self, batch: list) -> None:
+        """Records handed over together, in order: (record, snapshot, bytes) from ``write``, native
+        ones marked -1 (a dict) or -2 (JSON text, numbered here in a loop of their own: ~1000 a
+        forward at op level)."""
+        i, n = 0, len(batch)
+        while i < n:
+            record, snap, mark = batch[i]
+            if mark != -2:
+                self._write_native(record, snap) if mark == -1 else self._write_now(record, snap)
+                i += 1
+                continue
+            seq, seq_of, pending = self.count, self._seq_of, self._rows_pending
+            while i < n and batch[i][2] == -2:
+                (text, key), stats, _ = batch[i]
+                pending.append((f'{text},"seq":{seq},"has_data":false}}', stats))
+                seq_of[key] = seq
+                seq += 1
+                i += 1
+            self.count = seq
+
     def _write_native_text(self, row: tuple, stats) -> None:
-        """_write_native for a row made as JSON text (the fields of the dict it would have had, in
-        its order): only seq and has_data are added here."""
-        text, key, alias, stats_only = row
-        seq = self.count
-        has_data = False
-        if alias is not None:
-            original = self._seq_of[alias]
-            stats = self._stats_by_seq[original]
-            if self._has_data_by_seq[original]:  # as _write_now: the flag goes where bytes are shared
-                has_data = not stats_only
-                text = text.replace(',"stats_only":true', "", 1)
-        else:
-            stats = stats[0][stats[1], :9]  # (chunk, row)
-        self._rows_pending.append((f'{text},"seq":{seq},"has_data":{"true" if has_data else "false"}}}', stats))
-        self._stats_by_seq[seq] = stats
-        self._has_data_by_seq[seq] = has_data
-        self._seq_of[key] = seq
-        self.count = seq + 1
+        """One native row made as JSON text (the fields of the dict it would have had, in its order):
+        only seq and has_data are added here."""
+        self._write_batch([(row, stats, -2)])
         if self.synchronous:
             self._commit()
 
@@ -558,8 +568,7 @@ class TraceWriter:
         self._index.resize((start + n,))
         self._index[start:start + n] = [r for r, _ in self._rows_pending]
         self._stats.resize((start + n, 9))
-        # (np.array, not np.stack: a fifth of the cost for rows that are views into stats chunks)
-        self._stats[start:start + n] = np.array([s for _, s in self._rows_pending], dtype=np.float64)
+        self._stats[start:start + n] = _stats_matrix([s for _, s in self._rows_pending])
         self._rows_pending.clear()
         if flush:
             self._file.flush()

@@ -808,9 +808,10 @@ bool init_probed_type(PyObject* module) {
 // keeps only stats: it recognises a tensor captured before and unchanged (same TensorImpl and
 // version counter, and the same checksum: a kernel writing through a raw data_ptr() does not move
 // the counter), or a view op's output holding its input's elements; otherwise it runs the native
-// stats pass (cpu_stats.c, reached through its address) into a row of a float64 chunk the session
-// owns. The layout and the alias go into the caller's record dict; the session hands the record to
-// the writer with its chunk row.
+// stats pass (cpu_stats.c, reached through its address). A record reaches the writer's batch with
+// its stats row as 72 bytes (an alias: its original's), and its index row as a dict or, made here,
+// as JSON text: the writer's thread only numbers the rows. Only records of this table are aliased
+// here (the session's Python path keeps its own), so an original here never has data saved.
 
 using CpuStatsFn = int (*)(const void*, int64_t, int, double*);
 using ChecksumFn = uint64_t (*)(const void*, int64_t, int);
@@ -818,7 +819,8 @@ using ChecksumFn = uint64_t (*)(const void*, int64_t, int);
 struct CpuSeen {
   c10::weak_intrusive_ptr<c10::TensorImpl> impl;
   uint32_t version;
-  PyObject* key;  // owned
+  PyObject* key;    // owned
+  PyObject* stats;  // owned: the record's stats row, 9 float64 as 72 bytes
   uint64_t checksum;
 };
 
@@ -847,11 +849,45 @@ bool dense(const at::Tensor& t) {
   return true;
 }
 
+struct Names {  // interned attribute names and record keys
+  PyObject *busy, *scopes, *op_counts, *direction, *drilling, *uninit, *batch, *batch_since, *error, *hand_over,
+      *kind, *module, *scope, *call, *op, *op_index, *source, *drill, *in, *out, *empty, *hash;
+  Names() {
+    auto s = [](const char* t) { return PyUnicode_InternFromString(t); };
+    busy = s("busy"), scopes = s("scopes"), op_counts = s("op_counts"), direction = s("direction");
+    drilling = s("drilling"), uninit = s("_uninit"), batch = s("_batch"), batch_since = s("_batch_since");
+    error = s("_error"), hand_over = s("hand_over"), kind = s("kind"), module = s("module"), scope = s("scope");
+    call = s("call"), op = s("op"), op_index = s("op_index"), source = s("source"), drill = s("drill");
+    in = s("in"), out = s("out"), empty = s(""), hash = s("#");
+  }
+};
+
+Names& names() {
+  static Names* n = new Names();  // never freed, as tables()
+  return *n;
+}
+
+double monotonic_seconds() {  // time.monotonic()'s clock
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+py::object attr(PyObject* obj, PyObject* name) {
+  PyObject* value = PyObject_GetAttr(obj, name);
+  if (value == nullptr) throw PythonError();
+  return py::reinterpret_steal<py::object>(value);
+}
+
+py::object check(PyObject* value) {  // a new reference, or the pending Python error
+  if (value == nullptr) throw PythonError();
+  return py::reinterpret_steal<py::object>(value);
+}
+
 class CpuRecords {
  public:
-  CpuRecords(int64_t stats_fn, int64_t checksum_fn, py::object new_chunk)
-      : stats_(reinterpret_cast<CpuStatsFn>(stats_fn)), checksum_(reinterpret_cast<ChecksumFn>(checksum_fn)),
-        new_chunk_(std::move(new_chunk)) {
+  CpuRecords(int64_t stats_fn, int64_t checksum_fn)
+      : stats_(reinterpret_cast<CpuStatsFn>(stats_fn)), checksum_(reinterpret_cast<ChecksumFn>(checksum_fn)) {
     minus_one_ = PyLong_FromLong(-1);
     minus_two_ = PyLong_FromLong(-2);
     k_key_ = PyUnicode_InternFromString("key");
@@ -868,6 +904,7 @@ class CpuRecords {
   }
   ~CpuRecords() {
     forget();
+    Py_XDECREF(writer_);
     for (auto& kv : slot_names_) {
       Py_DECREF(kv.second);
       Py_DECREF(kv.first.first);
@@ -880,15 +917,13 @@ class CpuRecords {
   CpuRecords(const CpuRecords&) = delete;
   CpuRecords& operator=(const CpuRecords&) = delete;
 
-  // One record of a tensor whose data is not kept: when this path handles it (takes(); `ops`: torch
-  // ops may run, the caller keeps the op probe from recording them), its layout (and alias) go into
-  // `record` and (record, (chunk, row) or None for an alias, -1) is appended to `batch`, the
-  // writer's list (TraceWriter.native_batch); returns false otherwise.
-  // With `text`, the row goes to the writer as JSON text, as emit_op's (where the record's values
-  // are all ones the encoder writes).
-  bool emit(py::handle record, py::handle tensor, py::handle same_as, py::handle batch, bool ops = false,
-            bool text = false) {
-    if (!takes(tensor.ptr(), ops)) return false;
+  // One record of a tensor whose data is not kept: when this path handles it (takes()), its layout
+  // (and alias) go into `record` and (record, stats row as 72 bytes, -1) is appended to `batch`, the
+  // writer's list (TraceWriter.native_batch); returns false otherwise. With `text`, the
+  // row goes to the writer as JSON text, as emit_op's (where the record's values are all ones the
+  // encoder writes).
+  bool emit(py::handle record, py::handle tensor, py::handle same_as, py::handle batch, bool text = false) {
+    if (!takes(tensor.ptr())) return false;
     PyObject* key = PyDict_GetItemWithError(record.ptr(), k_key_);  // borrowed
     if (key == nullptr) {
       if (!PyErr_Occurred()) PyErr_SetString(PyExc_KeyError, "key");
@@ -898,7 +933,7 @@ class CpuRecords {
     std::string head;
     if (text && !json_dict_fields(head, record.ptr())) text = false;
     Outcome o;
-    if (!classify(tensor.ptr(), same_as.ptr(), key, o, ops)) return false;
+    if (!classify(tensor.ptr(), same_as.ptr(), key, o)) return false;
     py::object stats = py::reinterpret_steal<py::object>(o.stats);
     const at::Tensor& t = THPVariable_Unpack(tensor.ptr());
     if (text) {
@@ -911,44 +946,119 @@ class CpuRecords {
     return true;
   }
 
+  // A module record (schema.module_record's fields) straight into the attached writer's batch as
+  // JSON text: session.emit_module's work for a tensor takes() accepts (false otherwise).
+  bool emit_module(py::handle module, py::handle direction, int64_t call, py::handle slot, py::handle source,
+                   py::handle tensor) {
+    if (writer_ == nullptr) throw std::logic_error("emit_module: no writer attached");
+    if (!takes(tensor.ptr())) return false;
+    py::object scope = py::reinterpret_steal<py::object>(
+        PyUnicode_FromFormat("%U/%U#%lld", module.ptr(), direction.ptr(), (long long)call));
+    if (!scope) throw py::error_already_set();
+    py::object key = py::reinterpret_steal<py::object>(PyUnicode_FromFormat("%U/%U", scope.ptr(), slot.ptr()));
+    if (!key) throw py::error_already_set();
+    std::string row = "{\"key\":";
+    json_str(row, key.ptr());
+    row += ",\"kind\":\"module\",\"direction\":";
+    json_str(row, direction.ptr());
+    row += ",\"module\":";
+    json_str(row, module.ptr());
+    row += ",\"call\":" + std::to_string(call) + ",\"scope\":";
+    json_str(row, scope.ptr());
+    row += ",\"op\":\"\",\"op_index\":-1,\"slot\":";
+    json_str(row, slot.ptr());
+    row += ",\"source\":";
+    json_str(row, source.ptr());
+    Outcome o;
+    if (!classify(tensor.ptr(), Py_None, key.ptr(), o)) return false;
+    py::object stats = py::reinterpret_steal<py::object>(o.stats);
+    py::object batch = writer_batch();
+    append_text_row(batch.ptr(), row, key.ptr(), o, THPVariable_Unpack(tensor.ptr()), stats.release().ptr());
+    ++count_;
+    writer_added(batch.ptr());
+    return true;
+  }
+
+  // The TraceWriter (with a thread) that emit_module and the op handler append to.
+  void attach(py::handle writer) {
+    Py_XDECREF(writer_);
+    writer_ = Py_NewRef(writer.ptr());
+  }
+
+  // writer._batch, its age stamped when it is empty (TraceWriter.native_batch)
+  py::object writer_batch() {
+    Names& n = names();
+    py::object batch = attr(writer_, n.batch);
+    if (!PyList_Check(batch.ptr())) throw std::runtime_error("CpuRecords: writer._batch is not a list");
+    if (attr(writer_, n.error).ptr() != Py_None) {  // raised where the writer says so
+      check(PyObject_CallMethod(writer_, "native_batch", nullptr));
+      throw std::runtime_error("CpuRecords: the writer failed");
+    }
+    if (PyList_GET_SIZE(batch.ptr()) == 0) {
+      py::object now = check(PyFloat_FromDouble(monotonic_seconds()));
+      if (PyObject_SetAttr(writer_, n.batch_since, now.ptr())) throw PythonError();
+    }
+    return batch;
+  }
+
+  // TraceWriter.native_added: hands the batch over when full or old
+  void writer_added(PyObject* batch) {
+    Names& n = names();
+    bool full = PyList_GET_SIZE(batch) >= 64;
+    if (!full) {
+      double since = PyFloat_AsDouble(attr(writer_, n.batch_since).ptr());
+      if (since == -1.0 && PyErr_Occurred()) throw PythonError();
+      full = monotonic_seconds() - since > 0.1;
+    }
+    if (full) check(PyObject_CallMethodNoArgs(writer_, n.hand_over));
+  }
+
   // The records of one op's tensors from index `start` on (session.emit_op): each a copy of `base`
   // with key "<prefix>/<kind>.<i>" and slot "<kind>.<i>", emitted as emit() does (`same_as` applies
   // to the first). Stops at the first tensor this path does not take and returns its index (the
   // caller records it and calls again after it, which keeps the records in order); -1 when done.
-  // With `text`, the writer gets each row as JSON text instead of a dict: (row, stats, -2) with row
-  // (the index row's text up to its last field, key, alias or None, stats_only) (TraceWriter
-  // _write_native_text), where `base` holds only what the text encoder writes (str, int, bool, None).
-  // `ops`: called inside the op probe's handler (its mode is off), where takes() may run torch ops.
+  // With `text`, the writer gets each row as JSON text instead of a dict: ((the index row's text up to
+  // its last field, key), stats, -2) (TraceWriter._write_native_text), where `base` holds only what
+  // the text encoder writes (str, int, bool, None).
   int64_t emit_op(py::handle base, py::handle prefix, py::handle kind, py::handle tensors, int64_t start,
-                  py::handle same_as, py::handle batch, bool text = false, bool ops = false) {
-    PyObject* seq = tensors.ptr();
-    if (!PyList_Check(seq)) throw py::type_error("emit_op: tensors must be a list");
+                  py::handle same_as, py::handle batch, bool text = false) {
     std::string head;
     if (text && !json_dict_fields(head, base.ptr())) text = false;  // a value the encoder does not write
+    return emit_op_with(base.ptr(), text ? &head : nullptr, prefix.ptr(), kind.ptr(), tensors.ptr(), start,
+                        same_as.ptr(), batch.ptr());
+  }
+
+  // emit_op with the base's text made once (`head`: JSON text of `base` without its closing brace;
+  // null: rows as dicts)
+  int64_t emit_op_with(PyObject* base, const std::string* head, PyObject* prefix, PyObject* kind, PyObject* seq,
+                       int64_t start, PyObject* same_as, PyObject* batch) {
+    if (!PyList_Check(seq)) throw py::type_error("emit_op: tensors must be a list");
     for (Py_ssize_t i = start; i < PyList_GET_SIZE(seq); ++i) {
       PyObject* t = PyList_GET_ITEM(seq, i);
-      if (!takes(t, ops)) return i;
-      PyObject* slot = slot_name(kind.ptr(), i);
-      py::object key = py::reinterpret_steal<py::object>(PyUnicode_FromFormat("%U/%U", prefix.ptr(), slot));
+      if (!takes(t)) return i;
+      PyObject* slot = slot_name(kind, i);
+      py::object key = py::reinterpret_steal<py::object>(PyUnicode_FromFormat("%U/%U", prefix, slot));
       if (!key) throw py::error_already_set();
       Outcome o;
-      if (!classify(t, i == 0 ? same_as.ptr() : Py_None, key.ptr(), o, ops))
+      if (!classify(t, i == 0 ? same_as : Py_None, key.ptr(), o))
         throw std::logic_error("emit_op: a tensor takes() accepted was refused");
       py::object stats = py::reinterpret_steal<py::object>(o.stats);
       const at::Tensor& tensor = THPVariable_Unpack(t);
-      if (text) {
-        std::string row = head;
+      if (head != nullptr) {
+        std::string row;
+        row.reserve(head->size() + 2 * (size_t)PyUnicode_GET_LENGTH(key.ptr()) + 200);
+        row += *head;
         row += ",\"key\":";
         json_str(row, key.ptr());
         row += ",\"slot\":";
         json_str(row, slot);
-        append_text_row(batch.ptr(), row, key.ptr(), o, tensor, stats.release().ptr());
+        append_text_row(batch, row, key.ptr(), o, tensor, stats.release().ptr());
       } else {
-        py::object rec = py::reinterpret_steal<py::object>(PyDict_Copy(base.ptr()));
+        py::object rec = py::reinterpret_steal<py::object>(PyDict_Copy(base));
         if (!rec || PyDict_SetItem(rec.ptr(), k_key_, key.ptr()) || PyDict_SetItem(rec.ptr(), k_slot_, slot))
           throw py::error_already_set();
         to_dict(rec.ptr(), o, tensor);
-        append(batch.ptr(), rec.ptr(), stats.release().ptr(), minus_one_);
+        append(batch, rec.ptr(), stats.release().ptr(), minus_one_);
       }
       ++count_;
     }
@@ -957,7 +1067,10 @@ class CpuRecords {
 
   // Forget tensor identities (the session's capture is over).
   void forget() {
-    for (auto& kv : seen_) Py_DECREF(kv.second.key);
+    for (auto& kv : seen_) {
+      Py_DECREF(kv.second.key);
+      Py_DECREF(kv.second.stats);
+    }
     seen_.clear();
   }
 
@@ -967,31 +1080,35 @@ class CpuRecords {
   int64_t count() const { return count_; }
 
  private:
-  // The tensors this path records: CPU, strided, not empty, of a float dtype cpu_stats.c reads, or
-  // (with `ops`: where torch ops may run, inside the op probe's handler, whose mode is off while it
-  // runs) integers and booleans (their stats from a float64 copy, as snapshot._stats_on) and views
-  // with gaps (a contiguous copy first, as cpu_stats._native).
-  static bool takes(PyObject* tensor, bool ops) {
+  // The tensors this path records: CPU, strided, not empty, not a Python tensor subclass with its own
+  // dispatch, of a float dtype cpu_stats.c reads, or integers and booleans (their stats from a
+  // float64 copy, as snapshot._stats_on), views with gaps included (a contiguous copy first, as
+  // cpu_stats._native). The copies run with Python dispatch off (no_python_dispatch): our own work,
+  // which no dispatch mode (the op probe, a buffer guard) may see as the model's.
+  static bool takes(PyObject* tensor) {
     if (!THPVariable_Check(tensor)) return false;
     const at::Tensor& t = THPVariable_Unpack(tensor);
-    if (!t.is_cpu() || t.layout() != at::kStrided || t.numel() == 0) return false;
-    if (cpu_stats_code(t.scalar_type()) < 0 && !(ops && at::isIntegralType(t.scalar_type(), /*includeBool=*/true)))
+    if (!t.is_cpu() || t.layout() != at::kStrided || t.numel() == 0 || t.key_set().has(c10::DispatchKey::Python))
       return false;
-    return ops || dense(t);
+    return cpu_stats_code(t.scalar_type()) >= 0 || at::isIntegralType(t.scalar_type(), /*includeBool=*/true);
+  }
+
+  static c10::DispatchKeySet python_keys() {
+    return c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot});
   }
 
   // What a record of `tensor` is: an alias of a record made before (`alias`, borrowed from the
-  // table; `stats_only` where its elements are in another order), or new stats (`stats`: a new
-  // reference to (chunk, row)); for an alias `stats` is a new reference to None. False where this
-  // path does not take the tensor. `key`: the record's key, remembered for later aliases.
+  // table; `stats_only` where its elements are in another order), or new stats; `stats`: a new
+  // reference to the stats row as 72 bytes (an alias: its original's). False where this path does
+  // not take the tensor. `key`: the record's key, remembered for later aliases.
   struct Outcome {
     PyObject* alias = nullptr;
     bool stats_only = false;
     PyObject* stats = nullptr;
   };
 
-  bool classify(PyObject* tensor, PyObject* same_as, PyObject* key, Outcome& o, bool ops) {
-    if (!takes(tensor, ops)) return false;
+  bool classify(PyObject* tensor, PyObject* same_as, PyObject* key, Outcome& o) {
+    if (!takes(tensor)) return false;
     const at::Tensor& t = THPVariable_Unpack(tensor);
     int code = cpu_stats_code(t.scalar_type());
     c10::TensorImpl* impl = t.unsafeGetTensorImpl();
@@ -1008,7 +1125,7 @@ class CpuRecords {
       if (it != seen_.end() && it->second.version == version && !it->second.impl.expired() &&
           checksum(t) == it->second.checksum) {
         o.alias = it->second.key;
-        o.stats = Py_NewRef(Py_None);
+        o.stats = Py_NewRef(it->second.stats);
         return true;
       }
       // a view op's output holding exactly its input's elements (session._same_elements_as)
@@ -1020,35 +1137,33 @@ class CpuRecords {
             base.layout() == at::kStrided && dense(base) && dense(t)) {
           o.stats_only = !(t.is_contiguous() && base.is_contiguous());  // the original's bytes are not in this order
           PyObject* original = b->second.key;  // (remember() may rehash the table under b)
-          remember(impl, version, original, b->second.checksum);
+          PyObject* stats = b->second.stats;
+          remember(impl, version, original, stats, b->second.checksum);
           o.alias = original;  // (the table holds a reference for as long as this capture)
-          o.stats = Py_NewRef(Py_None);
+          o.stats = Py_NewRef(stats);
           return true;
         }
       }
     }
-    if (next_ >= rows_) new_chunk();
-    double* out = chunk_ + 10 * next_;
+    double out[10];
     uint64_t sum;
     if (code >= 0 && dense(t)) {  // one pass: stats and checksum
       if (stats_(t.data_ptr(), t.numel(), code, out) != 0) return false;
       std::memcpy(&sum, out + 9, 8);
-    } else {  // (only where takes() saw `ops`)
+    } else {
+      c10::impl::ExcludeDispatchKeyGuard no_python_dispatch(python_keys());
       at::Tensor elements = dense(t) ? t : t.contiguous();
       at::Tensor values = code >= 0 ? elements : elements.to(at::kDouble);
       if (stats_(values.data_ptr(), values.numel(), code >= 0 ? code : 1, out) != 0) return false;
       sum = checksum(elements);  // of the tensor's own bytes, as session._fingerprint
     }
-    if (versioned) remember(impl, version, key, sum);
-    PyObject* row = PyLong_FromLongLong(next_++);
-    o.stats = row ? PyTuple_Pack(2, chunk_obj_.ptr(), row) : nullptr;
-    Py_XDECREF(row);
+    o.stats = PyBytes_FromStringAndSize(reinterpret_cast<const char*>(out), 9 * sizeof(double));
     if (o.stats == nullptr) throw py::error_already_set();
+    if (versioned) remember(impl, version, key, o.stats, sum);
     return true;
   }
 
-  // (row text so far + the outcome and layout, key, alias or None, stats_only), stats, -2 into the
-  // batch; steals `stats`
+  // ((row text so far + the outcome and layout, key), stats, -2) into the batch; steals `stats`
   void append_text_row(PyObject* batch, std::string& row, PyObject* key, const Outcome& o, const at::Tensor& t,
                        PyObject* stats) {
     py::object keep_stats = py::reinterpret_steal<py::object>(stats);
@@ -1058,13 +1173,22 @@ class CpuRecords {
       json_str(row, o.alias);
     }
     json_layout(row, t);
-    py::object row_text = py::reinterpret_steal<py::object>(PyUnicode_FromStringAndSize(row.data(), (Py_ssize_t)row.size()));
+    py::object row_text = py::reinterpret_steal<py::object>(text_object(row));
     if (!row_text) throw py::error_already_set();
-    PyObject* payload = PyTuple_Pack(4, row_text.ptr(), key, o.alias ? o.alias : Py_None,
-                                     o.stats_only ? Py_True : Py_False);
+    PyObject* payload = PyTuple_Pack(2, row_text.ptr(), key);
     if (payload == nullptr) throw py::error_already_set();
     append(batch, payload, keep_stats.release().ptr(), minus_two_);
     Py_DECREF(payload);
+  }
+
+  // A str of UTF-8 text: ASCII (the usual row) copied into a compact string without decoding
+  static PyObject* text_object(const std::string& text) {
+    bool ascii = true;
+    for (unsigned char c : text) ascii &= c < 0x80;
+    if (!ascii) return PyUnicode_FromStringAndSize(text.data(), (Py_ssize_t)text.size());
+    PyObject* out = PyUnicode_New((Py_ssize_t)text.size(), 127);
+    if (out != nullptr) std::memcpy(PyUnicode_1BYTE_DATA(out), text.data(), text.size());
+    return out;
   }
 
   // The outcome and layout into a record dict, in the Python path's field order
@@ -1074,6 +1198,7 @@ class CpuRecords {
     set_layout(rec, t);
   }
 
+ public:
   // ---- JSON text of index rows (trace.row_text's, compact) ----
   static void json_str(std::string& out, PyObject* s) {
     Py_ssize_t n;
@@ -1164,6 +1289,8 @@ class CpuRecords {
     out += t.is_contiguous() ? ",\"contiguous\":true" : ",\"contiguous\":false";
   }
 
+ private:
+
   // Appends (record, stats item, marker) to the batch; steals the stats item.
   void append(PyObject* batch, PyObject* rec, PyObject* stats, PyObject* marker) {
     PyObject* triple = PyTuple_Pack(3, rec, stats, marker);
@@ -1171,18 +1298,6 @@ class CpuRecords {
     int err = triple ? PyList_Append(batch, triple) : -1;
     Py_XDECREF(triple);
     if (err) throw py::error_already_set();
-  }
-
-  // A fresh float64 [rows, 10] chunk from Python (never reused: queued records point into it).
-  void new_chunk() {
-    py::object chunk = new_chunk_();
-    Py_buffer view;
-    if (PyObject_GetBuffer(chunk.ptr(), &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) != 0) throw py::error_already_set();
-    chunk_ = static_cast<double*>(view.buf);
-    rows_ = view.len / (10 * (Py_ssize_t)sizeof(double));
-    PyBuffer_Release(&view);  // chunk_obj_ keeps the memory
-    chunk_obj_ = std::move(chunk);
-    next_ = 0;
   }
 
   PyObject* slot_name(PyObject* kind, Py_ssize_t i) {  // "in.0", made once
@@ -1205,19 +1320,24 @@ class CpuRecords {
   }
 
   uint64_t checksum(const at::Tensor& t) const {  // cpu_stats.checksum (views with gaps: of a copy)
-    if (!dense(t)) return checksum(t.contiguous());
+    if (!dense(t)) {
+      c10::impl::ExcludeDispatchKeyGuard no_python_dispatch(python_keys());
+      return checksum(t.contiguous());
+    }
     return checksum_(t.data_ptr(), t.numel(), (int)t.element_size());
   }
 
-  void remember(c10::TensorImpl* impl, uint32_t version, PyObject* key, uint64_t sum) {
+  void remember(c10::TensorImpl* impl, uint32_t version, PyObject* key, PyObject* stats, uint64_t sum) {
     Py_INCREF(key);
+    Py_INCREF(stats);
     auto weak = c10::weak_intrusive_ptr<c10::TensorImpl>(c10::intrusive_ptr<c10::TensorImpl>::reclaim_copy(impl));
     auto it = seen_.find(impl);
     if (it != seen_.end()) {
       Py_DECREF(it->second.key);
-      it->second = CpuSeen{std::move(weak), version, key, sum};
+      Py_DECREF(it->second.stats);
+      it->second = CpuSeen{std::move(weak), version, key, stats, sum};
     } else {
-      seen_.emplace(impl, CpuSeen{std::move(weak), version, key, sum});
+      seen_.emplace(impl, CpuSeen{std::move(weak), version, key, stats, sum});
     }
   }
 
@@ -1261,12 +1381,9 @@ class CpuRecords {
   }
 
   int64_t count_ = 0;
+  PyObject* writer_ = nullptr;  // attach()
   CpuStatsFn stats_;
   ChecksumFn checksum_;
-  py::object new_chunk_;
-  py::object chunk_obj_;
-  double* chunk_ = nullptr;
-  int64_t rows_ = 0, next_ = 0;
   struct PairHash {
     size_t operator()(const std::pair<PyObject*, Py_ssize_t>& k) const {
       return std::hash<void*>()(k.first) ^ ((size_t)k.second * 1000003u);
@@ -1315,41 +1432,6 @@ struct OpHandlerObject {
   std::unordered_map<PyObject*, FuncInfo>* infos;
 };
 
-struct Names {  // interned attribute names and record keys
-  PyObject *busy, *scopes, *op_counts, *direction, *drilling, *uninit, *batch, *batch_since, *error, *hand_over,
-      *kind, *module, *scope, *call, *op, *op_index, *source, *drill, *in, *out, *empty, *hash;
-  Names() {
-    auto s = [](const char* t) { return PyUnicode_InternFromString(t); };
-    busy = s("busy"), scopes = s("scopes"), op_counts = s("op_counts"), direction = s("direction");
-    drilling = s("drilling"), uninit = s("_uninit"), batch = s("_batch"), batch_since = s("_batch_since");
-    error = s("_error"), hand_over = s("hand_over"), kind = s("kind"), module = s("module"), scope = s("scope");
-    call = s("call"), op = s("op"), op_index = s("op_index"), source = s("source"), drill = s("drill");
-    in = s("in"), out = s("out"), empty = s(""), hash = s("#");
-  }
-};
-
-Names& names() {
-  static Names* n = new Names();  // never freed, as tables()
-  return *n;
-}
-
-double monotonic_seconds() {  // time.monotonic()'s clock
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-py::object attr(PyObject* obj, PyObject* name) {
-  PyObject* value = PyObject_GetAttr(obj, name);
-  if (value == nullptr) throw PythonError();
-  return py::reinterpret_steal<py::object>(value);
-}
-
-py::object check(PyObject* value) {  // a new reference, or the pending Python error
-  if (value == nullptr) throw PythonError();
-  return py::reinterpret_steal<py::object>(value);
-}
-
 const FuncInfo& func_info(OpHandlerObject* self, PyObject* func) {
   auto it = self->infos->find(func);
   if (it != self->infos->end()) return it->second;
@@ -1387,30 +1469,39 @@ void add_tensors(PyObject* list, PyObject* a) {
   }
 }
 
+// An op's record fields as a dict, made only when Python code needs them (OpProbe.__torch_dispatch__'s
+// `base`, in its order); the values are borrowed from the handler's frame.
+struct LazyBase {
+  PyObject *direction, *module, *scope, *call, *op, *op_index, *source;
+  bool drill;
+  py::object dict;
+  PyObject* get() {
+    if (dict) return dict.ptr();
+    Names& n = names();
+    py::object d = check(PyDict_New());
+    PyObject* b = d.ptr();
+    if (PyDict_SetItem(b, n.kind, n.op) || PyDict_SetItem(b, n.direction, direction) ||
+        PyDict_SetItem(b, n.module, module) || PyDict_SetItem(b, n.scope, scope) || PyDict_SetItem(b, n.call, call) ||
+        PyDict_SetItem(b, n.op, op) || PyDict_SetItem(b, n.op_index, op_index) || PyDict_SetItem(b, n.source, source) ||
+        (drill && PyDict_SetItem(b, n.drill, Py_True)))
+      throw PythonError();
+    dict = std::move(d);
+    return dict.ptr();
+  }
+};
+
 // The records of one op's tensors, as session.emit_op does on its native path: into the writer's
 // batch (TraceWriter.native_batch / native_added), the rest by the session from the first tensor
-// CpuRecords does not take.
-void emit_records(OpHandlerObject* self, PyObject* base, PyObject* prefix, PyObject* kind, PyObject* tensors,
-                  PyObject* same_as) {
-  Names& n = names();
-  py::object batch = attr(self->writer, n.batch);
-  if (!PyList_Check(batch.ptr())) throw std::runtime_error("OpHandler: writer._batch is not a list");
-  if (PyList_GET_SIZE(batch.ptr()) == 0) {
-    py::object now = check(PyFloat_FromDouble(monotonic_seconds()));
-    if (PyObject_SetAttr(self->writer, n.batch_since, now.ptr())) throw PythonError();
-  }
-  int64_t stop = self->records->emit_op(py::handle(base), py::handle(prefix), py::handle(kind), py::handle(tensors), 0,
-                                        py::handle(same_as), batch, true, true);
-  bool full = PyList_GET_SIZE(batch.ptr()) >= 64;
-  if (!full) {
-    double since = PyFloat_AsDouble(attr(self->writer, n.batch_since).ptr());
-    if (since == -1.0 && PyErr_Occurred()) throw PythonError();
-    full = monotonic_seconds() - since > 0.1;
-  }
-  if (full) check(PyObject_CallMethodNoArgs(self->writer, n.hand_over));
+// CpuRecords does not take. `head`: the op's fields as JSON text, made once for its records.
+void emit_records(OpHandlerObject* self, LazyBase& base, const std::string& head, PyObject* prefix, PyObject* kind,
+                  PyObject* tensors, PyObject* same_as) {
+  CpuRecords* rec = self->records;
+  py::object batch = rec->writer_batch();
+  int64_t stop = rec->emit_op_with(Py_None, &head, prefix, kind, tensors, 0, same_as, batch.ptr());
+  rec->writer_added(batch.ptr());
   if (stop >= 0) {
     py::object start = check(PyLong_FromLongLong(stop));
-    PyObject* argv[] = {base, prefix, kind, tensors, Py_None, same_as, Py_None, start.ptr()};
+    PyObject* argv[] = {base.get(), prefix, kind, tensors, Py_None, same_as, Py_None, start.ptr()};
     check(PyObject_Vectorcall(self->emit_rest, argv, 8, nullptr));
   }
 }
@@ -1441,7 +1532,7 @@ PyObject* op_handler_vectorcall(PyObject* callable, PyObject* const* argv, size_
     py::object uninit = attr(self->session, n.uninit);
     py::object scopes = attr(self->session, n.scopes);
     if (info.uninit || !PyDict_Check(uninit.ptr()) || PyDict_GET_SIZE(uninit.ptr()) || !PyList_Check(scopes.ptr()) ||
-        PyList_GET_SIZE(scopes.ptr()) == 0 || attr(self->writer, n.error).ptr() != Py_None)
+        PyList_GET_SIZE(scopes.ptr()) == 0)
       return call_fallback(self, func, types, args, kwargs);
     PyObject* innermost = PyList_GET_ITEM(scopes.ptr(), PyList_GET_SIZE(scopes.ptr()) - 1);
     if (!PyTuple_Check(innermost) || PyTuple_GET_SIZE(innermost) != 2)
@@ -1456,13 +1547,11 @@ PyObject* op_handler_vectorcall(PyObject* callable, PyObject* const* argv, size_
     if (seen == nullptr && PyErr_Occurred()) throw PythonError();
     long long index = seen ? PyLong_AsLongLong(seen) : 0;
     if (index == -1 && PyErr_Occurred()) throw PythonError();
-    py::object next = check(PyLong_FromLongLong(index + 1));
-    if (PyDict_SetItem(counts.ptr(), scope.ptr(), next.ptr())) throw PythonError();
     PyObject* call = PyDict_GetItemWithError(self->call_of, scope.ptr());  // borrowed
     if (call == nullptr) {
       if (PyErr_Occurred()) throw PythonError();
       Py_ssize_t at = PyUnicode_FindChar(scope.ptr(), '#', 0, PyUnicode_GET_LENGTH(scope.ptr()), -1);
-      if (at < 0) throw std::runtime_error("OpHandler: a scope without '#<call>'");
+      if (at < 0) return call_fallback(self, func, types, args, kwargs);
       py::object digits = check(PyUnicode_Substring(scope.ptr(), at + 1, PyUnicode_GET_LENGTH(scope.ptr())));
       py::object number = check(PyLong_FromUnicodeObject(digits.ptr(), 10));
       if (PyDict_SetItem(self->call_of, scope.ptr(), number.ptr())) throw PythonError();
@@ -1474,16 +1563,25 @@ PyObject* op_handler_vectorcall(PyObject* callable, PyObject* const* argv, size_
     // walked here: the same 64-frame reach as source_lines.user_source_line from there
     int32_t source_id = source_string_id(self->is_skipped, 61);
     PyObject* source = source_id < 0 ? n.empty : tables().strings.get(source_id);
+    // The record fields of OpProbe.__torch_dispatch__, in its order, as the JSON text that starts
+    // each row; as a dict (`base`) only for the Python code that takes a tensor CpuRecords does not.
+    // (A value the encoder does not write: the Python handler does the op, counted by it alone.)
+    std::string head = "{\"kind\":\"op\"";
+    auto field = [&head](const char* name, PyObject* value) {
+      head += ",\"";
+      head += name;
+      head += "\":";
+      return CpuRecords::json_value(head, value);
+    };
     py::object op_index = check(PyLong_FromLongLong(index));
-    // the record fields of OpProbe.__torch_dispatch__, in its order
-    py::object base = check(PyDict_New());
-    PyObject* b = base.ptr();
-    if (PyDict_SetItem(b, n.kind, n.op) || PyDict_SetItem(b, n.direction, direction.ptr()) ||
-        PyDict_SetItem(b, n.module, module.ptr()) || PyDict_SetItem(b, n.scope, scope.ptr()) ||
-        PyDict_SetItem(b, n.call, call) || PyDict_SetItem(b, n.op, info.name) ||
-        PyDict_SetItem(b, n.op_index, op_index.ptr()) || PyDict_SetItem(b, n.source, source) ||
-        (drilling && PyDict_SetItem(b, n.drill, Py_True)))
-      throw PythonError();
+    if (!field("direction", direction.ptr()) || !field("module", module.ptr()) || !field("scope", scope.ptr()) ||
+        !field("call", call) || !field("op", info.name) || !field("op_index", op_index.ptr()) ||
+        !field("source", source))
+      return call_fallback(self, func, types, args, kwargs);
+    if (drilling) head += ",\"drill\":true";
+    py::object next = check(PyLong_FromLongLong(index + 1));
+    if (PyDict_SetItem(counts.ptr(), scope.ptr(), next.ptr())) throw PythonError();
+    LazyBase base{direction.ptr(), module.ptr(), scope.ptr(), call, info.name, op_index.ptr(), source, drilling};
     char digits[32];
     snprintf(digits, sizeof digits, "%04lld", index);  // schema.op_prefix
     py::object prefix = check(PyUnicode_FromFormat("%U/op%s.%U", scope.ptr(), digits, info.short_name));
@@ -1496,7 +1594,7 @@ PyObject* op_handler_vectorcall(PyObject* callable, PyObject* const* argv, size_
       while (PyDict_Next(kw, &pos, &key, &value)) add_tensors(tensors.ptr(), value);
     }
     if (PyList_GET_SIZE(tensors.ptr()))
-      emit_records(self, b, prefix.ptr(), n.in, tensors.ptr(), Py_None);
+      emit_records(self, base, head, prefix.ptr(), n.in, tensors.ptr(), Py_None);
     py::object out = check(PyObject_Call(info.op, args, kw));
     // OpRecorder.on_op: the outputs; a view's output may hold exactly its input's elements
     if (THPVariable_Check(out.ptr())) {
@@ -1504,11 +1602,11 @@ PyObject* op_handler_vectorcall(PyObject* callable, PyObject* const* argv, size_
                               ? PyTuple_GET_ITEM(args, 0) : Py_None;
       py::object one = check(PyList_New(1));
       PyList_SET_ITEM(one.ptr(), 0, Py_NewRef(out.ptr()));
-      emit_records(self, b, prefix.ptr(), n.out, one.ptr(), same_as);
+      emit_records(self, base, head, prefix.ptr(), n.out, one.ptr(), same_as);
     } else {
       py::object outs = check(PyObject_CallOneArg(self->output_tensors, out.ptr()));
       if (!PyList_Check(outs.ptr())) throw std::runtime_error("OpHandler: output_tensors must return a list");
-      if (PyList_GET_SIZE(outs.ptr())) emit_records(self, b, prefix.ptr(), n.out, outs.ptr(), Py_None);
+      if (PyList_GET_SIZE(outs.ptr())) emit_records(self, base, head, prefix.ptr(), n.out, outs.ptr(), Py_None);
     }
     return out.release().ptr();
   } catch (...) {
@@ -1591,6 +1689,13 @@ PyObject* op_handler_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
   self->is_skipped = Py_NewRef(is_skipped);
   self->records = rec;
   self->infos = new std::unordered_map<PyObject*, FuncInfo>();
+  try {
+    rec->attach(py::handle(writer));
+  } catch (...) {
+    Py_DECREF(self);
+    set_error_from_cpp();
+    return nullptr;
+  }
   return reinterpret_cast<PyObject*>(self);
 }
 
@@ -1631,9 +1736,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("enter", &Recorder::enter)
       .def("leave", &Recorder::leave);
   py::class_<CpuRecords>(m, "CpuRecords")
-      .def(py::init<int64_t, int64_t, py::object>())
+      .def(py::init<int64_t, int64_t>())
       .def("emit", &CpuRecords::emit)
       .def("emit_op", &CpuRecords::emit_op)
+      .def("emit_module", &CpuRecords::emit_module)
+      .def("attach", &CpuRecords::attach)
       .def("forget", &CpuRecords::forget)
       .def_property_readonly("count", &CpuRecords::count)
       .def("__len__", &CpuRecords::size);

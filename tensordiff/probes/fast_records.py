@@ -78,11 +78,8 @@ def cpu_records():
     ext = _load()
     if ext is None:
         return None
-    import numpy as np
-
     address = lambda fn: ctypes.cast(fn, ctypes.c_void_p).value  # noqa: E731
-    # stats rows: float64 [512, 10] chunks (9 stats, the checksum's bits), a new one when one is full
-    return ext.CpuRecords(address(lib.td_cpu_stats), address(lib.td_checksum), lambda: np.empty((512, 10)))
+    return ext.CpuRecords(address(lib.td_cpu_stats), address(lib.td_checksum))
 
 
 def op_handler(session, fallback, call_of: dict):

@@ -91,6 +91,10 @@ class CaptureSession:
             from tensordiff.probes import fast_records
 
             self.native = fast_records.cpu_records()
+        # module records straight from C++ into an asynchronous writer's batch (emit_module)
+        self._native_modules = self.native is not None and not getattr(writer, "synchronous", True)
+        if self._native_modules:
+            self.native.attach(writer)
         # Crash breadcrumbs: "about to run X" lines written straight to a file descriptor (no Python
         # buffering), so a process killed by the target still tells where it was.
         fd = os.environ.get("TENSORDIFF_PROGRESS_FD")
@@ -171,6 +175,9 @@ class CaptureSession:
                 self.fast.emit(module, direction, call, slot, source, t)
                 return
             self.fast.flush()  # keep execution order in the file
+        if self._native_modules and extra is None and not self._uninit \
+                and self.native.emit_module(module, direction, call, slot, source, t):
+            return
         self.emit_general(module, direction, call, slot, source, t, extra)
 
     def emit_general(self, module: str, direction: str, call: int, slot: str, source: str, t: torch.Tensor,
@@ -230,7 +237,7 @@ class CaptureSession:
         if self.native is not None and not save and not self._uninit and not extra:
             writer = self.writer
             while start < len(tensors):
-                stop = self.native.emit_op(base, prefix, kind, tensors, start, same_as, writer.native_batch(), True, True)
+                stop = self.native.emit_op(base, prefix, kind, tensors, start, same_as, writer.native_batch(), True)
                 writer.native_added()
                 if stop < 0:
                     return
@@ -255,14 +262,7 @@ class CaptureSession:
             record["uninitialized"] = True
         if self.native is not None and not save:
             writer = self.writer
-            # (ops=True: integer tensors and views with gaps take a torch op there, which the op
-            # probe must not record as the model's)
-            was, self.busy = self.busy, True
-            try:
-                took = self.native.emit(record, tensor, same_as, writer.native_batch(), True, True)
-            finally:
-                self.busy = was
-            if took:
+            if self.native.emit(record, tensor, same_as, writer.native_batch(), True):
                 writer.native_added()  # (counted in native.count)
                 return
             # (not a dense CPU float tensor: the Python path below takes it)
