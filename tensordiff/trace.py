@@ -192,6 +192,9 @@ class TraceWriter:
         # issuing kernels would wait on it.
         self.quiet = threading.Event()
         self.quiet.set()
+        # records per hand-over to the thread: each wakes it (a GIL hand-off on the model's thread),
+        # so more while a traced run holds the writer quiet (``hold``), when it would only wait on them
+        self.batch_limit = 64
         self._thread = threading.Thread(target=self._drain, name="tensordiff-writer", daemon=True)
         if not synchronous:
             self._thread.start()
@@ -216,7 +219,8 @@ class TraceWriter:
         self._batch.append((record, snap, nbytes))
         self._batch_bytes += nbytes
         self._batch_carries |= snap.data is not None
-        if len(self._batch) >= 64 or self._batch_bytes >= 8 << 20 or time.monotonic() - self._batch_since > 0.1:
+        if len(self._batch) >= self.batch_limit or self._batch_bytes >= 8 << 20 \
+                or time.monotonic() - self._batch_since > 0.1:
             self.hand_over()
 
     def native_batch(self) -> list:
@@ -237,7 +241,7 @@ class TraceWriter:
             items, self._scratch = self._scratch, []
             for record, stats, n in items:
                 self._write_native(record, stats) if n == -1 else self._write_native_text(record, stats)
-        elif len(self._batch) >= 64 or time.monotonic() - self._batch_since > 0.1:
+        elif len(self._batch) >= self.batch_limit or time.monotonic() - self._batch_since > 0.1:
             self.hand_over()
 
     @property
@@ -614,8 +618,17 @@ class TraceWriter:
         if len(carry):
             self._blob.id.write_direct_chunk((at,), np.concatenate([carry, np.zeros(size - len(carry), np.uint8)]))
 
-    def close(self, complete: bool = True) -> None:
+    def hold(self) -> None:
+        """A traced run starts: stats-only records wait until ``resume`` (see ``quiet``)."""
+        self.quiet.clear()
+        self.batch_limit = 1024
+
+    def resume(self) -> None:
+        self.batch_limit = 64
         self.quiet.set()
+
+    def close(self, complete: bool = True) -> None:
+        self.resume()
         if self._thread.is_alive():
             self.hand_over()
             self._queue.put(None)

@@ -850,13 +850,13 @@ bool dense(const at::Tensor& t) {
 }
 
 struct Names {  // interned attribute names and record keys
-  PyObject *busy, *scopes, *op_counts, *direction, *drilling, *uninit, *batch, *batch_since, *error, *hand_over,
+  PyObject *busy, *scopes, *op_counts, *direction, *drilling, *uninit, *batch, *batch_since, *error, *hand_over, *batch_limit,
       *kind, *module, *scope, *call, *op, *op_index, *source, *drill, *in, *out, *empty, *hash;
   Names() {
     auto s = [](const char* t) { return PyUnicode_InternFromString(t); };
     busy = s("busy"), scopes = s("scopes"), op_counts = s("op_counts"), direction = s("direction");
     drilling = s("drilling"), uninit = s("_uninit"), batch = s("_batch"), batch_since = s("_batch_since");
-    error = s("_error"), hand_over = s("hand_over"), kind = s("kind"), module = s("module"), scope = s("scope");
+    error = s("_error"), hand_over = s("hand_over"), batch_limit = s("batch_limit"), kind = s("kind"), module = s("module"), scope = s("scope");
     call = s("call"), op = s("op"), op_index = s("op_index"), source = s("source"), drill = s("drill");
     in = s("in"), out = s("out"), empty = s(""), hash = s("#");
   }
@@ -1004,7 +1004,9 @@ class CpuRecords {
   // TraceWriter.native_added: hands the batch over when full or old
   void writer_added(PyObject* batch) {
     Names& n = names();
-    bool full = PyList_GET_SIZE(batch) >= 64;
+    long limit = PyLong_AsLong(attr(writer_, n.batch_limit).ptr());
+    if (limit == -1 && PyErr_Occurred()) throw PythonError();
+    bool full = PyList_GET_SIZE(batch) >= limit;
     if (!full) {
       double since = PyFloat_AsDouble(attr(writer_, n.batch_since).ptr());
       if (since == -1.0 && PyErr_Occurred()) throw PythonError();

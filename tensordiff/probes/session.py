@@ -148,8 +148,8 @@ class CaptureSession:
             + (self.native.count if self.native is not None else 0)
 
     def begin_forward(self) -> None:
-        if not self._writer_runs_ops and hasattr(self.writer, "quiet"):
-            self.writer.quiet.clear()  # records wait: the writer's Python would slow the forward
+        if not self._writer_runs_ops and hasattr(self.writer, "hold"):
+            self.writer.hold()  # records wait: the writer's Python would slow the forward
 
     def end_of_forward(self) -> None:
         """The root module returned: hand over every pending stat, forget tensor identities. The
