@@ -144,4 +144,7 @@ def test_cpp_op_handler_equals_the_python_handler_on_odd_ops(tmp_path, monkeypat
     assert any(k.startswith('parts.q"\\é/forward#0/op') for k in by_key)
     gaps = [r for r in rows if r["op"] == "aten::slice.Tensor" and r["slot"] == "out.0"][-1]
     assert gaps["stride"] == [16, 2] and not gaps["contiguous"]
+    # read again by the next op: the same elements, confirmed by a checksum read in place
+    doubled = [r for r in rows if r["op"] == "aten::mul.Tensor" and r["slot"] == "in.0"][0]
+    assert doubled["alias_of"] == gaps["key"]
     assert stats[list(by_key).index(gaps["key"]), 1] == pytest.approx(float(model.parts['q"\\é'](x)[:, ::2].max()))

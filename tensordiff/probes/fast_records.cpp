@@ -19,6 +19,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <ctime>
@@ -1322,11 +1323,55 @@ class CpuRecords {
   }
 
   uint64_t checksum(const at::Tensor& t) const {  // cpu_stats.checksum (views with gaps: of a copy)
-    if (!dense(t)) {
-      c10::impl::ExcludeDispatchKeyGuard no_python_dispatch(python_keys());
-      return checksum(t.contiguous());
-    }
+    if (!dense(t)) return strided_checksum(t);
     return checksum_(t.data_ptr(), t.numel(), (int)t.element_size());
+  }
+
+  // td_checksum of a view with gaps, read in place (its sums do not depend on the elements' order:
+  // the value of td_checksum over a contiguous copy, without the copy)
+  template <typename T, typename Acc>
+  static void checksum_dims(const char* p, const int64_t* sizes, const int64_t* strides, int64_t dims, Acc mul, Acc& a,
+                            Acc& b, Acc& c) {
+    if (dims == 1) {
+      const T* w = reinterpret_cast<const T*>(p);
+      for (int64_t k = 0; k < sizes[0]; ++k) {
+        Acc v = (Acc)w[k * strides[0]];
+        a += v;
+        b += v * mul;
+        c ^= v;
+      }
+      return;
+    }
+    for (int64_t k = 0; k < sizes[0]; ++k)
+      checksum_dims<T, Acc>(p + k * strides[0] * (int64_t)sizeof(T), sizes + 1, strides + 1, dims - 1, mul, a, b, c);
+  }
+
+  template <typename T, typename Acc>
+  static uint64_t checksum_view(const at::Tensor& t, Acc mul) {
+    Acc a = 0, b = 0, c = 0;
+    if (t.dim() > 0)
+      checksum_dims<T, Acc>(static_cast<const char*>(t.data_ptr()), t.sizes().data(), t.strides().data(), t.dim(), mul,
+                            a, b, c);
+    else
+      checksum_dims<T, Acc>(static_cast<const char*>(t.data_ptr()), std::array<int64_t, 1>{1}.data(),
+                            std::array<int64_t, 1>{1}.data(), 1, mul, a, b, c);
+    uint64_t h = 1469598103934665603ull ^ (uint64_t)t.numel();
+    h = (h ^ (uint64_t)a) * 1099511628211ull;
+    h = (h ^ (uint64_t)b) * 1099511628211ull;
+    return (h ^ (uint64_t)c) * 1099511628211ull;
+  }
+
+  uint64_t strided_checksum(const at::Tensor& t) const {
+    switch (t.element_size()) {
+      case 1: return checksum_view<uint8_t, uint32_t>(t, 0x9E3779B1u);
+      case 2: return checksum_view<uint16_t, uint32_t>(t, 0x9E3779B1u);
+      case 4: return checksum_view<uint32_t, uint32_t>(t, 0x9E3779B1u);
+      case 8: return checksum_view<uint64_t, uint64_t>(t, 0x9E3779B97F4A7C15ull);
+      default: {
+        c10::impl::ExcludeDispatchKeyGuard no_python_dispatch(python_keys());
+        return checksum(t.contiguous());
+      }
+    }
   }
 
   void remember(c10::TensorImpl* impl, uint32_t version, PyObject* key, PyObject* stats, uint64_t sum) {
