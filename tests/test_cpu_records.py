@@ -130,10 +130,17 @@ def test_cpp_op_handler_equals_the_python_handler_on_odd_ops(tmp_path, monkeypat
     for mode in ("records", "python"):
         other_rows, other_stats = results[mode]
         assert len(rows) == len(other_rows) > 40
-        for row, other in zip(rows, other_rows):
-            assert list(row.items()) == list(other.items()), mode
-        written = [i for i, r in enumerate(rows) if not r.get("uninitialized")]  # (not garbage from empty())
-        assert len(written) < len(rows)
+        # Never-written memory (empty()'s buffer before copy_) holds garbage that may even change
+        # between two reads (pages the allocator gave back lazily, MADV_FREE): its records must say
+        # so in every mode, while whether a second read matched the first is not compared.
+        garbage = [i for i, r in enumerate(rows) if r.get("uninitialized")]
+        assert garbage and garbage == [i for i, r in enumerate(other_rows) if r.get("uninitialized")]
+        for i, (row, other) in enumerate(zip(rows, other_rows)):
+            if i in garbage:
+                assert (row["key"], row["shape"]) == (other["key"], other["shape"])
+            else:
+                assert list(row.items()) == list(other.items()), mode
+        written = [i for i in range(len(rows)) if i not in garbage]
         np.testing.assert_array_equal(stats[written], other_stats[written])
     by_key = {r["key"]: r for r in rows}
     this_file = __file__
@@ -147,4 +154,6 @@ def test_cpp_op_handler_equals_the_python_handler_on_odd_ops(tmp_path, monkeypat
     # read again by the next op: the same elements, confirmed by a checksum read in place
     doubled = [r for r in rows if r["op"] == "aten::mul.Tensor" and r["slot"] == "in.0"][0]
     assert doubled["alias_of"] == gaps["key"]
-    assert stats[list(by_key).index(gaps["key"]), 1] == pytest.approx(float(model.parts['q"\\é'](x)[:, ::2].max()))
+    with torch.no_grad():  # (as the capture ran it: a CPU matmul may take another kernel with grad)
+        expected = float(model.parts['q"\\é'](x)[:, ::2].max())
+    assert stats[list(by_key).index(gaps["key"]), 1] == pytest.approx(expected, rel=1e-5)
