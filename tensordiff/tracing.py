@@ -94,6 +94,8 @@ def capture(model: torch.nn.Module, inputs, path, level: str = "module", save: s
     if save not in SAVES:
         raise TensordiffError(f"unknown save mode {save!r}; choose one of {', '.join(SAVES)}")
     inputs = _as_inputs(inputs)
+    if replay_model is not None:
+        _check_separate(model, replay_model)
     live = None
     if compare_to is not None and replay_model is not None and not backward and level == "module":
         from tensordiff.observers.live_compare import LiveCompare
@@ -148,6 +150,16 @@ def capture(model: torch.nn.Module, inputs, path, level: str = "module", save: s
                             replay_failures=dict(list(replayer.failures.items())[:50]) if replayer else {})
     _release_pinned_host_memory()
     return CaptureResult(str(path), session.records, seconds, output)
+
+
+def _check_separate(model: torch.nn.Module, replay_model: torch.nn.Module) -> None:
+    """The reference a replay runs must share no module with the traced model: a shared module's
+    forward is probed, so replaying it would replay it again, without end."""
+    traced = {id(m) for m in model.modules()}
+    for name, mod in replay_model.named_modules():
+        if id(mod) in traced:
+            raise TensordiffError(f"replay_model shares module {name or '__root__'!r} with the traced model; "
+                                  "the reference must be a separate copy (copy.deepcopy(model), or a second load)")
 
 
 def _release_pinned_host_memory() -> None:

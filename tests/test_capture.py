@@ -187,3 +187,23 @@ def test_cpp_wrapper_lets_an_error_through_and_keeps_what_came_before(tmp_path):
                         "1/forward#0/input.0", "1/forward#0/output.0"]
     assert "2/forward#0/input.0" in keys and not any(k.startswith("3/") or "output" in k and k.startswith("2/")
                                                      for k in keys)
+
+
+def test_replay_model_sharing_a_module_with_the_traced_model_is_refused(tmp_path):
+    """Replaying a module the probe wraps would replay it again without end (it ran for minutes):
+    one clear error instead; a separate copy replays."""
+    import copy
+
+    from tensordiff.errors import TensordiffError
+
+    bundle = load_model("qwen", size="tiny", seq_len=16, seed=0)
+    with pytest.raises(TensordiffError, match="shares module '__root__'"):
+        tensordiff.capture(bundle.model, bundle.inputs, tmp_path / "self.h5", replay_model=bundle.model)
+    half = copy.deepcopy(bundle.model)
+    half.model.layers[1] = bundle.model.model.layers[1]  # one decoder layer shared
+    with pytest.raises(TensordiffError, match="shares module 'model.layers.1'"):
+        tensordiff.capture(bundle.model, bundle.inputs, tmp_path / "half.h5", replay_model=half)
+    res = tensordiff.capture(bundle.model, bundle.inputs, tmp_path / "copy.h5", save="stats",
+                             replay_model=copy.deepcopy(bundle.model))
+    rows = tensordiff.open_trace(res.path).rows
+    assert res.records > 100 and rows["model.norm/forward#0/output.0"]["local_rel_l2"] < 1e-6
