@@ -121,6 +121,7 @@ def capture(model: torch.nn.Module, inputs, path, level: str = "module", save: s
                                  native_cpu=(level != "module" and _device_of(model).type == "cpu"))
         session.save_beyond = live is not None and save == "full"
         with contextlib.ExitStack() as stack:
+            stack.callback(session.close)  # last out, error or not
             probe = stack.enter_context(ModuleProbe(model, session, backward=backward,
                                                     drill_down=(level == "module")))
             if level in ("op", "both"):

@@ -207,3 +207,32 @@ def test_replay_model_sharing_a_module_with_the_traced_model_is_refused(tmp_path
                              replay_model=copy.deepcopy(bundle.model))
     rows = tensordiff.open_trace(res.path).rows
     assert res.records > 100 and rows["model.norm/forward#0/output.0"]["local_rel_l2"] < 1e-6
+
+
+@pytest.mark.parametrize("level,save,backward", [("both", "stats", False), ("both", "stats", True),
+                                                 ("module", "full", False)])
+def test_a_finished_capture_leaves_no_writer_or_file_handle_behind(tmp_path, qwen, level, save, backward):
+    """Each capture's writer, HDF5 handles and tensor table are freed once it returns: a sweep of
+    many captures in one process must not grow (it did: a cycle through the native records, which
+    the garbage collector cannot see, kept every capture's writer and open HDF5 objects)."""
+    import gc
+
+    from h5py import _objects
+
+    from tensordiff.trace import TraceWriter
+
+    def alive() -> tuple[int, int]:  # writers, h5py object ids
+        gc.collect()
+        objects = gc.get_objects()
+        return sum(isinstance(o, TraceWriter) for o in objects), sum(isinstance(o, _objects.ObjectID) for o in objects)
+
+    def one(i):
+        tensordiff.capture(qwen.model, qwen.inputs, tmp_path / f"t{i}.h5", level=level, save=save, backward=backward)
+        qwen.model.zero_grad(set_to_none=True)
+
+    one(0)
+    writers, handles = alive()
+    for i in range(1, 4):
+        one(i)
+    # nor do h5py's object ids of the three later files stay (each File.close walks them all)
+    assert alive() == (writers, handles)

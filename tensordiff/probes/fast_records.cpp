@@ -988,6 +988,7 @@ class CpuRecords {
 
   // writer._batch, its age stamped when it is empty (TraceWriter.native_batch)
   py::object writer_batch() {
+    if (writer_ == nullptr) throw std::logic_error("CpuRecords: no writer attached (closed?)");
     Names& n = names();
     py::object batch = attr(writer_, n.batch);
     if (!PyList_Check(batch.ptr())) throw std::runtime_error("CpuRecords: writer._batch is not a list");
@@ -1075,6 +1076,14 @@ class CpuRecords {
       Py_DECREF(kv.second.stats);
     }
     seen_.clear();
+  }
+
+  // The capture is over: its tensor identities are forgotten and the writer let go. (The writer
+  // refers back to the session, which holds this object: a cycle through C++ that Python's garbage
+  // collector cannot see, so without this every capture's writer, file handles and table stayed.)
+  void close() {
+    forget();
+    Py_CLEAR(writer_);
   }
 
   int64_t size() const { return (int64_t)seen_.size(); }
@@ -1789,6 +1798,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("emit_module", &CpuRecords::emit_module)
       .def("attach", &CpuRecords::attach)
       .def("forget", &CpuRecords::forget)
+      .def("close", &CpuRecords::close)
       .def_property_readonly("count", &CpuRecords::count)
       .def("__len__", &CpuRecords::size);
   py::class_<Block>(m, "Block")

@@ -142,6 +142,15 @@ class CaptureSession:
         if hand_over is not None:
             hand_over()
 
+    def close(self) -> None:
+        """The capture is over: drop what ties this session and its writer together, so both are
+        freed when the caller lets go (the native records hold the writer from C++, where the garbage
+        collector cannot see the cycle)."""
+        if self.native is not None:
+            self.native.close()
+        if getattr(self.writer, "before_block", None) == self.flush_stats:
+            self.writer.before_block = lambda: None
+
     @property
     def records(self) -> int:
         return self._records + (self.fast.records if self.fast is not None else 0) \
