@@ -195,9 +195,9 @@ class TraceWriter:
         # records per hand-over to the thread: each wakes it (a GIL hand-off on the model's thread),
         # so more while a traced run holds the writer quiet (``hold``), when it would only wait on them
         self.batch_limit = 64
+        # Started by the first hand-over it has work for: a stats-only capture's rows wait for the
+        # end of the traced run anyway, and close() writes them itself (no thread to start and wake).
         self._thread = threading.Thread(target=self._drain, name="tensordiff-writer", daemon=True)
-        if not synchronous:
-            self._thread.start()
 
     # -- producer side (the probes) ------------------------------------------------------------
     def write(self, record: dict, snap) -> None:
@@ -248,9 +248,10 @@ class TraceWriter:
     def _pending_bytes(self) -> int:
         return self._produced_bytes - self._consumed_bytes
 
-    def hand_over(self) -> None:
+    def hand_over(self, start: bool = True) -> None:
         """Queue the batched records now (also at the end of a forward: the writer may work). Blocks
-        while too many bytes are queued."""
+        while too many bytes are queued. A batch of stats only, while a traced run holds the writer
+        (or ``start=False``), does not start its thread: it would wait for the run's end anyway."""
         if not self._batch:
             return
         batch, nbytes, carries_data = self._batch, self._batch_bytes, self._batch_carries
@@ -262,6 +263,12 @@ class TraceWriter:
                     self._cond.wait()
         self._produced_bytes += nbytes
         self._queue.put((("batch", batch, carries_data), None, nbytes))
+        if start and (carries_data or nbytes or self.quiet.is_set() or self._queue.qsize() >= 256):
+            self._start()
+
+    def _start(self) -> None:
+        if not self._thread.is_alive() and self._thread.ident is None:
+            self._thread.start()
 
     def add(self, record: dict, tensor: torch.Tensor, save: bool = True) -> None:
         """The plain record-adding API (importers of foreign dumps, tests): ``record`` holds index
@@ -291,6 +298,7 @@ class TraceWriter:
         else:
             self.hand_over()
             self._queue.put((("block", records), parts, 0))
+            self._start()
 
     def amend(self, key: str, fields: dict, snap=None) -> None:
         """Facts learnt about a record after it was written (a live comparison's metrics, a replay's
@@ -314,6 +322,7 @@ class TraceWriter:
                     self._cond.wait()
         self._produced_bytes += nbytes
         self._queue.put((("amend", items), None, nbytes))
+        self._start()
 
     @property
     def staging_ring(self):
@@ -329,6 +338,8 @@ class TraceWriter:
         """Records committed to the file: these survive a SIGKILL of this process. (Asked from the
         producer's thread: what it batched is handed over, so the count moves.)"""
         self.hand_over()
+        if not self.synchronous and not self._queue.empty():
+            self._start()
         return self._committed
 
     def set_metadata(self, at_close: bool = False, **items) -> None:
@@ -342,6 +353,7 @@ class TraceWriter:
         else:
             self.hand_over()
             self._queue.put(("meta", items, 0))
+            self._start()
 
     def _update_metadata(self, items: dict, flush: bool = True) -> None:
         self._metadata.update(json.loads(json.dumps(items, default=str)))
@@ -626,13 +638,19 @@ class TraceWriter:
     def resume(self) -> None:
         self.batch_limit = 64
         self.quiet.set()
+        if not self.synchronous and not self._queue.empty():
+            self._start()
 
     def close(self, complete: bool = True) -> None:
-        self.resume()
-        if self._thread.is_alive():
-            self.hand_over()
+        self.batch_limit = 64
+        self.quiet.set()
+        if not self.synchronous:
+            self.hand_over(start=False)
             self._queue.put(None)
-            self._thread.join()
+            if self._thread.ident is not None:
+                self._thread.join()
+            else:  # never needed: what is queued is written here
+                self._drain()
         if self._file.id.valid:
             if self._error is None:
                 self._commit(flush=False)

@@ -139,7 +139,6 @@ def capture(model: torch.nn.Module, inputs, path, level: str = "module", save: s
             session.flush_stats()
             _sync()
             seconds = time.perf_counter() - start
-            writer.resume()  # the traced run is over: the writer may write the index rows now
         extra = {}  # one metadata update: each rewrites the attribute and flushes the file
         if guard is not None:
             from tensordiff.guard import summary_lines
