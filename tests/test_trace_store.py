@@ -178,3 +178,29 @@ def test_records_across_chunks_and_commits_read_back_exactly(tmp_path):
         via_h5py = blob[int(row["data_offset"]):int(row["data_offset"]) + int(row["data_nbytes"])]
         assert via_h5py.tobytes() == t.numpy().tobytes(), key
     assert blob.shape[0] == sum(t.numel() * 4 for t in tensors.values())
+
+
+@pytest.mark.parametrize("compression", [None, "gzip"])
+def test_a_new_trace_over_an_old_one_leaves_its_open_reader_alone(tmp_path, compression):
+    """Each writer starts from a copy of an empty trace file renamed over the path: an open reader
+    of the old file keeps reading it, and the new file has the attributes and datasets of the
+    schema (bool ``complete``, integer ``schema_version``, the metadata), compressed if asked."""
+    import h5py
+
+    path = tmp_path / "t.h5"
+    with TraceWriter(path, {"run": "old"}) as w:
+        w.write(_rec("a/forward#0/output.0"), snapshot(torch.arange(6.0)))
+    old = open_trace(path)
+    assert old.complete and len(old) == 1
+    with TraceWriter(path, {"run": "new"}, compression=compression) as w:
+        for i in range(3):
+            w.write(_rec(f"b/forward#0/output.{i}"), snapshot(torch.full((300,), float(i))))
+        assert not open_trace(path).complete  # (open: a crash now leaves it partial)
+    assert torch.equal(old.tensor("a/forward#0/output.0"), torch.arange(6.0)) and old.meta["run"] == "old"
+    new = open_trace(path)
+    assert new.complete and new.meta["run"] == "new" and len(new) == 3
+    assert torch.equal(new.tensor("b/forward#0/output.2"), torch.full((300,), 2.0))
+    with h5py.File(path, "r") as f:
+        assert f.attrs["complete"].dtype == bool and f.attrs["schema_version"].dtype.kind == "i"
+        assert f["blob"].compression == compression
+    assert [p.name for p in tmp_path.iterdir()] == ["t.h5"]  # nothing left beside it
