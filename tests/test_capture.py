@@ -236,3 +236,19 @@ def test_a_finished_capture_leaves_no_writer_or_file_handle_behind(tmp_path, qwe
         one(i)
     # nor do h5py's object ids of the three later files stay (each File.close walks them all)
     assert alive() == (writers, handles)
+
+
+def test_an_error_in_an_op_level_capture_names_its_module_and_keeps_what_came_before(tmp_path):
+    """A module that raises: the error leaves with its place (the innermost module call), and the
+    records made before it are in the trace."""
+    class Boom(torch.nn.Module):
+        def forward(self, x):
+            raise ValueError("boom")
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Sequential(torch.nn.ReLU(), Boom()))
+    with pytest.raises(ValueError, match="boom") as info:
+        tensordiff.capture(model, (torch.ones(2, 4),), tmp_path / "e.h5", level="both", save="stats")
+    assert info.value.tensordiff_place["scope"] == "1.1/forward#0"
+    index = tensordiff.open_trace(tmp_path / "e.h5").index
+    assert "0/forward#0/output.0" in set(index["key"]) and "1.0/forward#0/output.0" in set(index["key"])
+    assert not any(k.startswith("1/forward#0/output") for k in index["key"])
