@@ -22,9 +22,10 @@ the only module that imports h5py:
 The writer streams from a background thread through a byte-bounded queue (memory stays bounded
 whatever the record count); the thread starts with the first work that cannot wait for the traced
 run's end, so a stats-only capture's rows are written by ``close()`` itself. Each file starts as a
-copy of an empty trace file made once per process, renamed over the path. Index rows are committed and the file flushed in batches (every 256
-records or 0.2 s; every record in synchronous mode, used for targets that may crash): a writer killed with SIGKILL leaves every acknowledged record readable, and
-``complete`` stays False so the reader reports the trace partial.
+copy of an empty trace file made once per process, renamed over the path. Index rows are committed
+and the file flushed in batches (every 256 records or 0.2 s; every record in synchronous mode, used
+for targets that may crash): a writer killed with SIGKILL leaves every acknowledged record readable,
+and ``complete`` stays False so the reader reports the trace partial.
 
     with TraceWriter("ref.h5", {"model": "qwen"}) as w:
         w.add({"module": "model.norm", "slot": "output.0"}, tensor)   # or w.write(record, snapshot)
