@@ -120,6 +120,10 @@ def _stats_matrix(rows: list) -> np.ndarray:
     return np.frombuffer(flat, np.float64).reshape(len(rows), 9)
 
 
+# Stats-only batches that may queue while a traced run holds the writer before its thread works
+# on them anyway (and is started for them)
+_HELD_BATCHES = 256
+
 _SKELETONS: dict = {}  # compression -> the bytes of an empty trace file
 
 
@@ -311,11 +315,11 @@ class TraceWriter:
                     self._cond.wait()
         self._produced_bytes += nbytes
         self._queue.put((("batch", batch, carries_data), None, nbytes))
-        if start and (carries_data or nbytes or self.quiet.is_set() or self._queue.qsize() >= 256):
+        if start and (carries_data or nbytes or self.quiet.is_set() or self._queue.qsize() >= _HELD_BATCHES):
             self._start()
 
     def _start(self) -> None:
-        if not self._thread.is_alive() and self._thread.ident is None:
+        if self._thread.ident is None:  # (never started: a thread starts once)
             self._thread.start()
 
     def add(self, record: dict, tensor: torch.Tensor, save: bool = True) -> None:
@@ -386,7 +390,7 @@ class TraceWriter:
         """Records committed to the file: these survive a SIGKILL of this process. (Asked from the
         producer's thread: what it batched is handed over, so the count moves.)"""
         self.hand_over()
-        if not self.synchronous and not self._queue.empty():
+        if not self._queue.empty():  # (a synchronous writer never queues)
             self._start()
         return self._committed
 
@@ -431,7 +435,7 @@ class TraceWriter:
                     # every op: while a traced run goes on, stats-only batches wait (unless many
                     # queue up). Batches with bytes go on: their writes release the GIL, and the
                     # model would wait on the byte budget otherwise.
-                    while not self.quiet.is_set() and not item[0][2] and self._queue.qsize() < 256 \
+                    while not self.quiet.is_set() and not item[0][2] and self._queue.qsize() < _HELD_BATCHES \
                             and self._pending_bytes == 0:
                         self.quiet.wait(0.05)
                     self._write_batch(item[0][1])
@@ -686,7 +690,7 @@ class TraceWriter:
     def resume(self) -> None:
         self.batch_limit = 64
         self.quiet.set()
-        if not self.synchronous and not self._queue.empty():
+        if not self._queue.empty():
             self._start()
 
     def close(self, complete: bool = True) -> None:
